@@ -1,0 +1,153 @@
+"""``results.json`` beside the checkpoints, and the summary printed at the end of fit / test.
+
+The file holds the resolved config, versions, every epoch's scalar metrics, the sections that other
+callbacks contribute (any callback with a ``results_section() -> dict`` method, e.g. GeometryEval's
+initial / per-epoch / final geometry), the test metrics and the checkpoint paths. It is rewritten
+atomically after every epoch, so a crash leaves the last complete version; its history is part of
+the checkpoint, so a resumed run continues the same file.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from callbacks.io import atomic_write_json
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[key] = float(value)
+        elif isinstance(value, int | float):
+            out[key] = float(value)
+    return out
+
+
+def versions() -> dict[str, str]:
+    import lightning
+    import timm
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "timm": timm.__version__, "transformers": transformers.__version__}
+
+
+class ResultsWriter(L.Callback):
+    """Writes ``<run dir>/results.json`` and prints a summary table at the end of fit and test.
+
+    Args:
+        filename: File name inside the run directory.
+        print_summary: Print the Rich summary table (final metrics, initial -> final geometry, file paths).
+    """
+
+    def __init__(self, filename: str = "results.json", print_summary: bool = True):
+        self.filename = filename
+        self.print_summary = print_summary
+        self.config: dict[str, Any] = {}
+        self.epochs: list[dict] = []
+        self.test: dict[str, float] = {}
+        self.started = time.time()
+
+    # -- where ------------------------------------------------------------------------------------
+    def path(self, trainer: L.Trainer) -> Path:
+        return Path(trainer.default_root_dir) / self.filename
+
+    # -- collecting ---------------------------------------------------------------------------------
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row.update({k: v for k, v in _scalars(trainer.callback_metrics).items() if not k.startswith("geometry/")})
+        self.epochs = [r for r in self.epochs if r["epoch"] != row["epoch"]] + [row]
+        self.write(trainer)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write(trainer)
+        if self.print_summary:
+            self.summary(trainer, "fit")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.test = {k: v for k, v in _scalars(trainer.callback_metrics).items() if k.startswith("test/")}
+        self.write(trainer)
+        if self.print_summary:
+            self.summary(trainer, "test")
+
+    def sections(self, trainer: L.Trainer) -> dict[str, Any]:
+        found = {}
+        for callback in trainer.callbacks:
+            if callback is not self and hasattr(callback, "results_section"):
+                found.update(callback.results_section())
+        return found
+
+    # -- writing ------------------------------------------------------------------------------------
+    def results(self, trainer: L.Trainer) -> dict[str, Any]:
+        checkpoint = trainer.checkpoint_callback
+        return {
+            "run_dir": str(Path(trainer.default_root_dir).resolve()),
+            "config": self.config,
+            "versions": versions(),
+            "world_size": trainer.world_size,
+            "epochs": self.epochs,
+            **self.sections(trainer),
+            "test": self.test,
+            "checkpoints": {
+                "last": getattr(checkpoint, "last_model_path", "") or "",
+                "best": getattr(checkpoint, "best_model_path", "") or "",
+            },
+            "wall_time_s": round(time.time() - self.started, 2),
+        }
+
+    @rank_zero_only
+    def write(self, trainer: L.Trainer) -> None:
+        atomic_write_json(self.path(trainer), self.results(trainer))
+
+    # -- resume ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epochs": self.epochs, "test": self.test}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.epochs = list(state_dict.get("epochs", []))
+        self.test = dict(state_dict.get("test", {}))
+
+    # -- printing -----------------------------------------------------------------------------------
+    @rank_zero_only
+    def summary(self, trainer: L.Trainer, stage: str) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console()
+        final = self.test if stage == "test" else (self.epochs[-1] if self.epochs else {})
+        table = Table(title=f"fmprobe {stage}: final metrics", show_header=True)
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in final.items():
+            if key not in ("epoch", "step") and not key.endswith("_step"):
+                table.add_row(key, f"{value:.4f}")
+        console.print(table)
+        geometry = self.sections(trainer).get("geometry")
+        if geometry and geometry.get("initial") and geometry.get("final"):
+            table = Table(title="embedding geometry: initial -> final", show_header=True)
+            for column in ("metric", "initial", "final", "delta"):
+                table.add_column(column, justify="left" if column == "metric" else "right")
+            for key, start in geometry["initial"].items():
+                if key in geometry["final"] and isinstance(start, float):
+                    end = geometry["final"][key]
+                    table.add_row(key, f"{start:.4f}", f"{end:.4f}", f"{end - start:+.4f}")
+            console.print(table)
+        checkpoint = trainer.checkpoint_callback
+        last = getattr(checkpoint, "last_model_path", "") if stage == "fit" else ""
+        console.print(f"run directory : {Path(trainer.default_root_dir).resolve()}")
+        if last:
+            console.print(f"checkpoint    : {last}")
+        config = Path(trainer.default_root_dir) / "config.yaml"
+        if config.exists():
+            console.print(f"config        : {config.resolve()}")
+        console.print(f"results       : {self.path(trainer).resolve()}")

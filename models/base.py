@@ -1,0 +1,154 @@
+"""What every fmprobe LightningModule shares: the backbone, ``embed()``, the optimizer, safe checkpoint use.
+
+Callbacks rely on two things only: ``module.backbone`` (a ``Backbone``) and ``module.embed(images)``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from models.backbones import Backbone
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or embedding became NaN or infinite."""
+
+
+def load_state_dict_file(path: str | Path) -> dict:
+    """A state dict from a Lightning checkpoint, a .pt/.pth/.bin file (``weights_only``) or .safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+
+
+def load_backbone_weights(backbone: torch.nn.Module, path: str | Path) -> None:
+    """Load the ``backbone.*`` part of a checkpoint (e.g. a pretext run's) strictly into ``backbone``."""
+    state = load_state_dict_file(path)
+    prefix = "backbone."
+    if any(key.startswith(prefix) for key in state):
+        state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    result = backbone.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint {path} does not match this backbone ({getattr(backbone, 'name', type(backbone).__name__)}): "
+            f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]}); "
+            "was it trained with a different backbone?"
+        )
+
+
+class BackboneModule(L.LightningModule):
+    """Base of every fmprobe module: builds the backbone, exposes ``embed``, owns the optimizer.
+
+    Args:
+        backbone: Registry name (``efficientnet-lite0``, ``dinov2-small``, ...) or a timm / transformers id.
+        num_classes: Number of classes of the dataset (train.py links it from the DataModule).
+        weights: ``pretrained``, ``random``, or a local path (``save_pretrained`` folder or state-dict file).
+        freeze: ``none``, ``all`` or ``partial:K`` (stem and first K blocks frozen).
+        image_size: Input side in pixels; None keeps the backbone's default.
+        backbone_overrides: Extra keyword arguments for the backbone's library config (e.g. a tiny test model).
+        trust_remote_code: Allow Hugging Face remote code (MambaVision needs it).
+        init_backbone_from: Start from the backbone of this checkpoint (e.g. a pretext run's ``last.ckpt``).
+        lr: Peak learning rate of the head (and of the backbone, times ``backbone_lr_scale``).
+        backbone_lr_scale: Backbone learning rate as a fraction of ``lr``.
+        weight_decay: AdamW weight decay.
+        warmup_epochs: Linear warm-up length before the cosine decay (``scheduler: cosine``).
+        scheduler: ``cosine`` (per step, with warm-up) or ``none``.
+        on_nonfinite: ``error`` stops with epoch and batch named when the loss is NaN/Inf; ``skip`` skips the step.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet-lite0",
+        num_classes: int = 10,
+        weights: str = "pretrained",
+        freeze: str = "none",
+        image_size: int | None = None,
+        backbone_overrides: dict | None = None,
+        trust_remote_code: bool = False,
+        init_backbone_from: str | None = None,
+        lr: float = 1e-3,
+        backbone_lr_scale: float = 1.0,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 0.0,
+        scheduler: str = "cosine",
+        on_nonfinite: str = "error",
+    ):
+        super().__init__()
+        if scheduler not in ("cosine", "none"):
+            raise ValueError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
+        if on_nonfinite not in ("error", "skip"):
+            raise ValueError(f"on_nonfinite must be 'error' or 'skip', got {on_nonfinite!r}")
+        self.save_hyperparameters()
+        self.backbone = Backbone(
+            backbone, weights=weights, freeze=freeze, image_size=image_size,
+            trust_remote_code=trust_remote_code, **(backbone_overrides or {}),
+        )
+        if init_backbone_from:
+            load_backbone_weights(self.backbone, init_backbone_from)
+        self.num_classes = num_classes
+        self.skipped_nonfinite_steps = 0
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's (B, D) embedding: what the geometry callbacks measure."""
+        return self.backbone.embed(images)
+
+    def check_finite(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
+        """Return the loss, or None (skip the step) / raise when it is NaN or infinite."""
+        if torch.isfinite(loss).all():
+            return loss
+        if self.hparams.on_nonfinite == "skip":
+            self.skipped_nonfinite_steps += 1
+            self.log("train/skipped_nonfinite_steps", float(self.skipped_nonfinite_steps))
+            return None
+        raise NonFiniteError(
+            f"non-finite loss ({loss.item()}) at epoch {self.current_epoch}, batch {batch_idx}; "
+            "lower the learning rate, or set model.init_args.on_nonfinite: skip to skip such steps"
+        )
+
+    # -- optimisation -------------------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict]:
+        """Backbone and the rest, each trainable part once; the backbone at ``backbone_lr_scale``."""
+        backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        other = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
+        groups = [{"params": other, "lr": self.hparams.lr}]
+        if backbone_params:
+            groups.append({"params": backbone_params, "lr": self.hparams.lr * self.hparams.backbone_lr_scale})
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameter_groups(), weight_decay=self.hparams.weight_decay)
+        if self.hparams.scheduler == "none":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = total / max(1, self.trainer.max_epochs or 1)
+        warmup = int(self.hparams.warmup_epochs * steps_per_epoch)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("backbone")
+        if saved is not None and saved != self.hparams.backbone:
+            raise ValueError(
+                f"this checkpoint was trained with backbone {saved!r}, but the run is configured with "
+                f"{self.hparams.backbone!r}; resume with the same model config, or start a new run"
+            )
