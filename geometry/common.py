@@ -1,0 +1,79 @@
+"""Shared pieces of the geometry metrics: input checks, chunk sizing and blockwise distances.
+
+Every metric processes its query side in row chunks against the full other side, so memory is
+``chunk x N`` and never ``N x N``; the chunk is sized from an element budget that depends on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Elements of one (chunk x N) block: 128 MB of float32 on CPU (fits the caches well enough that bigger blocks
+# stop paying off), 1 GB on accelerators where larger matmuls keep the device busy.
+_CPU_BLOCK_ELEMENTS = 1 << 25
+_ACCELERATOR_BLOCK_ELEMENTS = 1 << 28
+
+DISTANCES = ("cosine", "euclidean")
+
+
+def as_features(x, name: str = "x") -> Tensor:
+    """A 2-D floating tensor; integer input and CPU half precision (slow matmuls there) become float32."""
+    if not isinstance(x, Tensor):
+        x = torch.as_tensor(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (N, D) tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point() or (x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64)):
+        x = x.float()
+    return x
+
+
+def as_labels(y, n: int, name: str = "labels") -> Tensor:
+    """A 1-D int64 tensor with one label per row of the matching features."""
+    if not isinstance(y, Tensor):
+        y = torch.as_tensor(y)
+    y = y.reshape(-1) if y.ndim == 2 and 1 in y.shape else y
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"{name} must be 1-D with one label per sample ({n}), got shape {tuple(y.shape)}")
+    if y.is_floating_point():
+        if not torch.equal(y, y.round()):
+            raise ValueError(f"{name} must hold integer class ids")
+    return y.long()
+
+
+def check_distance(distance: str) -> None:
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+
+
+def rows_per_chunk(n_columns: int, device: torch.device, chunk_size: int | None = None) -> int:
+    """Rows of a (rows x n_columns) block that fit the device's element budget, unless the caller fixed it."""
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        return int(chunk_size)
+    budget = _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _ACCELERATOR_BLOCK_ELEMENTS
+    return max(1, budget // max(1, n_columns))
+
+
+def squared_norms(x: Tensor) -> Tensor:
+    return torch.einsum("nd,nd->n", x, x)
+
+
+def squared_euclidean(a: Tensor, b: Tensor, a_sq: Tensor | None = None, b_sq: Tensor | None = None) -> Tensor:
+    """(len(a), len(b)) squared distances by the |a|^2 - 2ab + |b|^2 expansion (one matmul), clamped at 0."""
+    a_sq = squared_norms(a) if a_sq is None else a_sq
+    b_sq = squared_norms(b) if b_sq is None else b_sq
+    d2 = torch.addmm(b_sq.unsqueeze(0), a, b.T, alpha=-2.0)
+    return d2.add_(a_sq.unsqueeze(1)).clamp_(min=0.0)
+
+
+def unit_rows(x: Tensor) -> Tensor:
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def distance_block(a: Tensor, b: Tensor, distance: str, b_sq: Tensor | None = None) -> Tensor:
+    """(len(a), len(b)) distances: ``1 - cos`` on rows already L2-normalised, or Euclidean on raw rows."""
+    if distance == "cosine":
+        return torch.addmm(torch.ones((), dtype=a.dtype, device=a.device), a, b.T, alpha=-1.0).clamp_(min=0.0)
+    return squared_euclidean(a, b, b_sq=b_sq).sqrt_()
