@@ -48,7 +48,7 @@ def geometry_metrics(bank: dict, query: dict, metrics=("knn", "kmeans", "linear"
     from geometry.fewshot import fewshot_accuracy
     from geometry.hierarchy import hierarchy_metrics
     from geometry.kmeans import clustering_scores
-    from geometry.knn import knn_predict
+    from geometry.knn import knn_topk_accuracy
     from geometry.linear_probe import linear_probe_accuracy
 
     unknown = sorted(set(metrics) - set(METRICS))
@@ -66,10 +66,9 @@ def geometry_metrics(bank: dict, query: dict, metrics=("knn", "kmeans", "linear"
             warnings.warn(f"kNN: k values {sorted(set(knn_ks) - set(ks))} exceed the bank size {len(bx)}; skipped",
                           stacklevel=2)
         if ks:
-            predictions = knn_predict(bx, by, qx, ks=ks, temperature=temperature, return_topk=5)
-            for k, (top1, top5) in predictions.items():
-                out[f"knn_top1@{k}"] = (top1.cpu() == qy).float().mean().item()
-                out[f"knn_top5@{k}"] = (top5.cpu() == qy[:, None]).any(1).float().mean().item()
+            accuracy = knn_topk_accuracy(bx, by, qx, qy, ks=ks, topk=(1, 5), temperature=temperature)
+            for t in (1, 5):
+                out.update({f"knn_top{t}@{k}": value for k, value in accuracy[t].items()})
     if "kmeans" in metrics:
         n_clusters = num_classes or int(torch.unique(qy).numel())
         n_clusters = min(n_clusters, len(qx))

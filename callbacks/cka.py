@@ -1,0 +1,143 @@
+"""``LayerCKA``: how far each block of the backbone has moved from where it started.
+
+At fit start a frozen copy of the backbone is kept. Every N epochs (and at fit end) both run on the same
+fixed, seeded sample of query images; linear CKA between the current and the initial block outputs is
+logged per block (``cka/block_<i>``). At the end two heatmaps are drawn: blocks x evaluations, and the
+final current-layer x initial-layer CKA matrix (the seed 001 thesis observed that only early blocks stay
+similar under partial freezing).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import matplotlib.pyplot as plt
+import torch
+
+from callbacks.extract import gather_by_index, seeded_subset, shard_loader
+from callbacks.plots import log_figure
+
+
+@torch.no_grad()
+def block_features(backbones: dict[str, torch.nn.Module], loader, device) -> dict[str, torch.Tensor]:
+    """Per-block pooled features of several backbones over one loader: keys ``<name><i>`` plus ``index``."""
+    parts: dict[str, list[torch.Tensor]] = {"index": []}
+    for batch in loader:
+        if batch is None:
+            continue
+        images = batch["image"].to(device)
+        parts["index"].append(torch.as_tensor(batch["index"]).cpu())
+        for name, backbone in backbones.items():
+            for i, feature in enumerate(backbone.layers(images)):
+                parts.setdefault(f"{name}{i}", []).append(feature.float().flatten(1).cpu())
+    return {key: torch.cat(value) for key, value in parts.items()}
+
+
+def cka_heatmap(matrix: torch.Tensor, title: str, xlabel: str, ylabel: str, xticks=None, yticks=None):
+    figure, axis = plt.subplots(figsize=(1.0 + 0.45 * matrix.shape[1], 1.0 + 0.4 * matrix.shape[0]))
+    image = axis.imshow(matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    if xticks is not None:
+        axis.set_xticks(range(len(xticks)), xticks, fontsize=7)
+    if yticks is not None:
+        axis.set_yticks(range(len(yticks)), yticks, fontsize=7)
+    figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    return figure
+
+
+class LayerCKA(L.Callback):
+    """Linear CKA per block between the backbone now and its copy from fit start.
+
+    Args:
+        every_n_epochs: Measure after every N epochs (0: only at fit end).
+        max_samples: Images used (a seeded subset of the query set). CKA is computed in feature space,
+            so memory grows with samples x block width, not samples squared.
+        debiased: Use the debiased HSIC estimator (less biased for few samples, wide features).
+        seed: Seed of the image subset.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, max_samples: int = 512, debiased: bool = False, seed: int = 0):
+        self.every_n_epochs, self.max_samples, self.debiased, self.seed = every_n_epochs, max_samples, debiased, seed
+        self.history: list[dict] = []
+        self.initial: torch.nn.Module | None = None
+        self.final_matrix: list[list[float]] | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Resuming restores weights *after* this hook would see them: the snapshot is the checkpoint's copy
+        # when one exists (load_state_dict), else the weights the run starts with.
+        if self.initial is None:
+            self.initial = copy.deepcopy(pl_module.backbone).eval().requires_grad_(False)
+
+    def _features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        datamodule = trainer.datamodule
+        dataset = seeded_subset(datamodule.query_dataset(), self.max_samples, self.seed)
+        loader = shard_loader(dataset, datamodule.make_loader, trainer.world_size, trainer.global_rank)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            local = block_features({"now": pl_module.backbone, "initial": self.initial}, loader, pl_module.device)
+        finally:
+            pl_module.train(was_training)
+        return gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, full: bool = False) -> list[float]:
+        from geometry.cka import linear_cka
+
+        features = self._features(trainer, pl_module)
+        n_blocks = sum(key.startswith("now") for key in features)
+        values = matrix = None
+        if trainer.is_global_zero:
+            values = [linear_cka(features[f"now{i}"], features[f"initial{i}"], debiased=self.debiased)
+                      for i in range(n_blocks)]
+            if full:
+                matrix = [[linear_cka(features[f"now{i}"], features[f"initial{j}"], debiased=self.debiased)
+                           for j in range(n_blocks)] for i in range(n_blocks)]
+        values, matrix = trainer.strategy.broadcast((values, matrix), src=0)
+        self.history = [r for r in self.history if r["epoch"] != epoch] + [{"epoch": epoch, "cka": values}]
+        if matrix is not None:
+            self.final_matrix = matrix
+        named = {f"cka/block_{i}": v for i, v in enumerate(values)}
+        for name, value in named.items():
+            trainer.callback_metrics[name] = torch.tensor(value)
+        for logger in trainer.loggers:
+            logger.log_metrics(named, step=trainer.global_step)
+        return values
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.measure(trainer, pl_module, trainer.current_epoch)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.measure(trainer, pl_module, max(0, trainer.current_epoch - 1), full=True)
+        if not trainer.is_global_zero:
+            return
+        rows = sorted(self.history, key=lambda r: r["epoch"])
+        blocks = torch.tensor([r["cka"] for r in rows])
+        log_figure(trainer, "plots/cka_blocks_by_epoch", cka_heatmap(
+            blocks, "CKA(block now, block at start)", "block", "epoch",
+            yticks=[str(r["epoch"]) for r in rows]))
+        log_figure(trainer, "plots/cka_layer_by_layer", cka_heatmap(
+            torch.tensor(self.final_matrix), "CKA: final layers vs initial layers", "initial block", "final block"))
+
+    def results_section(self) -> dict:
+        return {"cka": {"history": sorted(self.history, key=lambda r: r["epoch"]), "final_matrix": self.final_matrix}}
+
+    def state_dict(self) -> dict:
+        state = {"history": self.history}
+        if self.initial is not None:
+            state["initial"] = self.initial.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+        self._pending_initial = state_dict.get("initial")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pending = getattr(self, "_pending_initial", None)
+        if pending is not None and self.initial is not None:
+            self.initial.load_state_dict(pending)
+            self._pending_initial = None

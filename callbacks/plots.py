@@ -1,0 +1,125 @@
+"""Figures of a run: saved as PNG in ``<run dir>/plots/`` and sent to every logger that takes images.
+
+``log_figure`` is the one way a callback publishes a figure: atomic PNG on disk (rank 0), then
+``wandb.Image`` for the wandb logger and ``add_figure`` for TensorBoard. ``EmbeddingPlots`` draws the 2-D
+embedding map (PCA; UMAP when ``umap-learn`` is installed and asked for) of the query set, coloured by
+class and, where the data has one, by super-class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
+
+from callbacks.extract import extract, gather_by_index, seeded_subset, shard_loader  # noqa: E402
+from callbacks.io import atomic_save_figure  # noqa: E402
+
+
+def plots_dir(trainer: L.Trainer) -> Path:
+    return Path(trainer.default_root_dir) / "plots"
+
+
+@rank_zero_only
+def log_figure(trainer: L.Trainer, key: str, figure, step: int | None = None) -> Path:
+    """Save ``figure`` as ``<run dir>/plots/<key>.png`` and log it as an image to wandb / TensorBoard."""
+    path = plots_dir(trainer) / f"{key.replace('/', '_')}.png"
+    atomic_save_figure(figure, path)
+    step = trainer.global_step if step is None else step
+    for logger in trainer.loggers:
+        name = type(logger).__name__
+        if "Wandb" in name:
+            logger.log_image(key=key, images=[str(path)], step=step)
+        elif "TensorBoard" in name:
+            logger.experiment.add_figure(key, figure, global_step=step, close=False)
+    plt.close(figure)
+    return path
+
+
+def project_2d(x: torch.Tensor, method: str = "pca", seed: int = 0) -> torch.Tensor:
+    """(N, D) -> (N, 2): PCA via a centred SVD, or UMAP (needs the optional ``umap-learn``)."""
+    x = x.double()
+    if method == "umap":
+        try:
+            import umap
+        except ImportError as error:
+            raise ImportError("embedding maps with method='umap' need `pip install umap-learn`") from error
+        return torch.from_numpy(umap.UMAP(random_state=seed).fit_transform(x.numpy()))
+    if method != "pca":
+        raise ValueError(f"method must be 'pca' or 'umap', got {method!r}")
+    centred = x - x.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    return centred @ v[:2].T
+
+
+def embedding_map_figure(points: torch.Tensor, colours: dict[str, torch.Tensor], title: str,
+                         names: dict[str, list[str] | None] | None = None):
+    """One scatter panel per colouring (e.g. class, super-class) of 2-D points."""
+    names = names or {}
+    figure, axes = plt.subplots(1, len(colours), figsize=(5.5 * len(colours), 5), squeeze=False)
+    for axis, (what, labels) in zip(axes[0], colours.items()):
+        scatter = axis.scatter(points[:, 0], points[:, 1], c=labels.numpy(), cmap="tab20", s=6, alpha=0.8)
+        axis.set_title(f"{title}: by {what}")
+        axis.set_xticks([])
+        axis.set_yticks([])
+        label_names = names.get(what)
+        if label_names and len(label_names) <= 20:
+            handles, _ = scatter.legend_elements(num=None)
+            present = sorted(set(labels.tolist()))
+            axis.legend(handles, [label_names[i] for i in present], fontsize=6, loc="best", markerscale=0.8)
+    figure.tight_layout()
+    return figure
+
+
+class EmbeddingPlots(L.Callback):
+    """The query set's 2-D embedding map at fit start and fit end (and every N epochs).
+
+    Args:
+        every_n_epochs: Also draw after every N epochs (0: start and end only).
+        method: ``pca`` or ``umap``.
+        max_points: Subsample the query set (seeded) to this many points.
+        seed: Seed of the subsample and of UMAP.
+    """
+
+    def __init__(self, every_n_epochs: int = 0, method: str = "pca", max_points: int = 2000, seed: int = 0):
+        if method not in ("pca", "umap"):
+            raise ValueError(f"method must be 'pca' or 'umap', got {method!r}")
+        self.every_n_epochs, self.method, self.max_points, self.seed = every_n_epochs, method, max_points, seed
+
+    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> None:
+        datamodule = trainer.datamodule
+        dataset = seeded_subset(datamodule.query_dataset(), self.max_points, self.seed)
+        loader = shard_loader(dataset, datamodule.make_loader, trainer.world_size, trainer.global_rank)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            local = extract(pl_module.embed, loader, pl_module.device, what="embedding map")
+        finally:
+            pl_module.train(was_training)
+        features = gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
+        if not trainer.is_global_zero or features["label"].ndim > 1:
+            return
+        colours = {"class": features["label"]}
+        names = {"class": list(getattr(datamodule, "class_names", []) or [])}
+        if "superclass" in features:
+            colours["super-class"] = features["superclass"]
+            names["super-class"] = list(getattr(datamodule, "superclass_names", None) or [])
+        points = project_2d(features["embedding"].float(), self.method, self.seed)
+        figure = embedding_map_figure(points, colours, f"{self.method.upper()} ({tag})", names)
+        log_figure(trainer, f"plots/embedding_map_{tag}", figure)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.draw(trainer, pl_module, "initial")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.draw(trainer, pl_module, f"epoch{trainer.current_epoch:03d}")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.draw(trainer, pl_module, "final")
