@@ -1,0 +1,219 @@
+"""One `Backbone` module over timm, transformers, open_clip and Apple's AIM, built from a friendly name.
+
+    backbone = Backbone("dinov2-small", weights="pretrained", freeze="partial:6", image_size=224)
+    backbone.embed(images)    # (B, embed_dim)
+    backbone.layers(images)   # num_layers tensors, (B, D_l) each
+    backbone.preprocessing    # Preprocessing(input_size, mean, std) for the datamodules
+
+Names: a registry name (`available_backbones()`), `timm:<name>` or a bare timm name, `hf:<org>/<model>` or any
+transformers id containing "/". `weights`: "pretrained" (library cache / hub; honours HF_HUB_OFFLINE), "random",
+or a local path: a transformers `save_pretrained` directory, or a state-dict file (.safetensors/.pth/.pt/.bin;
+pickles are read with weights_only=True) holding `Backbone(...).model.state_dict()` or the library's own
+checkpoint. A checkpoint with missing or unexpected keys is an error, never a silently random layer.
+`**overrides` go to the library's config (transformers config fields, timm `create_model` kwargs, open_clip
+model-config entries, AIM config), which is how tests build tiny variants.
+
+Embedding (`embed`) per family, and what `layers` pools per block:
+
+| family | library | embedding (dim of the pretrained model) | `layers`: per block |
+|---|---|---|---|
+| dinov2-* | transformers Dinov2Model | pooler_output = LayerNorm(CLS) (384/768/1024/1536) | CLS token |
+| dinov3-vitb16 | transformers DINOv3ViTModel | pooler_output = LayerNorm(CLS) (768) | CLS token |
+| flava | transformers FlavaImageModel | last_hidden_state[:, 0], not the tanh pooler (768) | CLS token |
+| mae-* | transformers ViTMAEModel, mask_ratio 0, patch order fixed | last_hidden_state[:, 0] (768/1024/1280) | CLS token |
+| ijepa-vith14 | transformers IJepaModel | mean of last_hidden_state (1280) | mean of tokens |
+| aimv2-large | transformers Aimv2VisionModel | mean of last_hidden_state (1024) | mean of tokens |
+| aim-600m | aim-v1 package | mean of post-trunk-norm tokens (1536) | mean of tokens |
+| mambavision-t | transformers remote code | the model's average-pooled output (640) | global avg per stage (4) |
+| convnext-* | timm | LayerNorm(global avg pool) (768/768/1024) | global avg per block |
+| resnet50 | timm | global avg pool (2048) | global avg per bottleneck |
+| efficientnet-lite0 | timm tf_efficientnet_lite0 | global avg pool after conv_head (1280) | global avg per block |
+| vit-b16 | timm | LayerNorm(CLS) (768) | CLS token |
+| clip-vit-b32 | open_clip ViT-B-32 (openai) | projected image feature (512) | CLS token |
+| raw timm name | timm | forward_head(pre_logits=True) | CLS or mean, as the model pools |
+| raw transformers id | AutoModel (image tower) | pooler_output if any, else mean of tokens | mean of tokens |
+
+Freezing: "none", "all", or "partial:K" (the stem: patch/position embeddings or conv stem, plus the first K of the
+`num_layers` blocks). Frozen modules stay in eval mode through `.train()`. Parameters `embed` never uses (timm
+classifier, FLAVA pooler, mask tokens, ...) are always frozen so DDP finds no unused parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from models.backbone_families import FAMILIES, module_at
+from models.backbone_registry import (
+    REGISTRY,
+    BackboneSpec,
+    Preprocessing,
+    available_backbones,
+    resolve_preprocessing,
+    resolve_spec,
+)
+
+__all__ = ["Backbone", "Preprocessing", "available_backbones", "resolve_preprocessing", "REGISTRY"]
+
+FREEZE_FORMS = "'none', 'all' or 'partial:K' (freeze the stem and the first K blocks)"
+_STEM_PARAMETER = re.compile(r"token|embed")  # cls/register tokens, position embeddings on the model itself
+
+
+def parse_freeze(spec: str) -> tuple[str, int | None]:
+    """("none" | "all" | "partial", K) from a freeze policy string; ValueError showing the accepted forms."""
+    text = spec.strip().lower() if isinstance(spec, str) else ""
+    if text in ("none", "all"):
+        return text, None
+    match = re.fullmatch(r"partial:\s*([+-]?\d+)", text)
+    if match is None:
+        raise ValueError(f"freeze={spec!r} is not a freeze policy; use {FREEZE_FORMS}.")
+    return "partial", int(match.group(1))
+
+
+def _check_weights(weights: str) -> str:
+    if not isinstance(weights, (str, Path)):
+        raise ValueError(f"weights must be 'pretrained', 'random' or a local path, got {weights!r}")
+    weights = str(weights)
+    if weights not in ("pretrained", "random") and not Path(weights).exists():
+        raise ValueError(
+            f"weights={weights!r} is neither 'pretrained' nor 'random' and no such file or directory exists."
+        )
+    return weights
+
+
+class Backbone(nn.Module):
+    """A pretrained vision model with one interface: embed, per-block features, preprocessing, freezing.
+
+    The module is returned in eval mode; Lightning switches it to train mode when fitting, and frozen parts
+    stay in eval mode regardless.
+    """
+
+    def __init__(self, name: str, weights: str = "pretrained", freeze: str = "none", image_size: int | None = None,
+                 trust_remote_code: bool = False, **overrides):
+        super().__init__()
+        spec: BackboneSpec = resolve_spec(name)
+        parse_freeze(freeze)  # reject a malformed policy before spending time on a download
+        self.preprocessing: Preprocessing = resolve_preprocessing(name, image_size)
+        self.name, self.weights, self.image_size = name, _check_weights(weights), image_size
+        self._overrides = dict(overrides)
+        self._spec, self._family = spec, FAMILIES[spec.library]
+        self.model: nn.Module = self._family.build(spec, self.weights, image_size, overrides, trust_remote_code)
+
+        container, self._units = self._family.blocks(self.model, spec)
+        self.num_layers: int = len(self._units)
+        self._stem_modules, self._stem_parameters = _stem(self.model, container)
+        self._token_pooling = self._family.token_pooling(self.model, spec)
+        unused = [re.compile(pattern) for pattern in self._family.unused_parameters(self.model, spec)]
+        self._never_trainable = {
+            name for name, parameter in self.model.named_parameters()
+            if not parameter.requires_grad or any(pattern.search(name) for pattern in unused)
+        }  # includes what the library itself keeps fixed (MAE's sin-cos position table)
+        self._frozen_modules: list[nn.Module] = []
+        self.eval()
+        self.embed_dim: int = self._family.embed_dim(self.model, spec) or self._measure_embed_dim()
+        self.set_freeze(freeze)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.embed(images)
+
+    def embed(self, images: Tensor) -> Tensor:
+        """(B, embed_dim) image embeddings with the family's pooling (see the module docstring)."""
+        return self._family.embed(self.model, self._spec, images)
+
+    def layers(self, images: Tensor) -> list[Tensor]:
+        """One pooled (B, D_l) feature per block, in forward order; `len == num_layers`."""
+        if not self._units:
+            raise ValueError(f"Backbone '{self.name}': could not find its blocks, so per-block features are "
+                             "unavailable.")
+        features = self._family.layers(self.model, self._spec, images, self._units, self._pool_block)
+        if len(features) != self.num_layers:
+            raise RuntimeError(f"Backbone '{self.name}': got {len(features)} block outputs for "
+                               f"{self.num_layers} blocks")
+        return features
+
+    def imagenet_logits(self, images: Tensor) -> Tensor:
+        """ImageNet-1k logits from the pretrained classifier (timm backbones such as efficientnet-lite0)."""
+        return self._family.imagenet_logits(self.model, images)
+
+    def _pool_block(self, features: Tensor) -> Tensor:
+        if features.dim() == 4:  # conv feature map (B, C, H, W)
+            return features.mean((2, 3))
+        if features.dim() == 3:  # tokens (B, N, D)
+            mode, prefix = self._token_pooling
+            return features[:, 0] if mode == "cls" else features[:, prefix:].mean(1)
+        return features.flatten(1)
+
+    @torch.no_grad()
+    def _measure_embed_dim(self) -> int:
+        size = self.preprocessing.input_size
+        parameter = next(self.model.parameters())
+        probe = torch.zeros(1, 3, size, size, device=parameter.device, dtype=parameter.dtype)
+        return int(self.embed(probe).shape[-1])
+
+    def set_freeze(self, spec: str) -> None:
+        """Apply "none", "all" or "partial:K" (stem + first K blocks, 0 <= K <= num_layers)."""
+        mode, count = parse_freeze(spec)
+        if mode == "partial" and not 0 <= count <= self.num_layers:
+            raise ValueError(
+                f"freeze={spec!r} is out of range for backbone '{self.name}', which has {self.num_layers} blocks: "
+                f"K must be in [0, {self.num_layers}]."
+            )
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(name not in self._never_trainable)
+        if mode == "all":
+            frozen = [self.model]
+        elif mode == "partial":
+            frozen = [*self._stem_modules, *(module for unit in self._units[:count] for module in unit)]
+            for parameter in self._stem_parameters:
+                parameter.requires_grad_(False)
+        else:
+            frozen = []
+        for module in frozen:
+            module.requires_grad_(False)
+        self._frozen_modules = frozen
+        self.freeze_policy = spec
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        for module in getattr(self, "_frozen_modules", ()):
+            module.eval()
+        return self
+
+    def weights_fingerprint(self) -> str:
+        """A cheap, stable id of the loaded weights: name, weights argument, config and sampled tensors."""
+        digest = hashlib.sha1()
+        identity = [self.name, self.weights, self.image_size, sorted(self._overrides.items())]
+        digest.update(json.dumps(identity, default=str).encode())
+        tensors = list(self.model.state_dict().items())
+        step = max(1, len(tensors) // 8)
+        for key, tensor in [*tensors[::step], tensors[-1]]:
+            sample = tensor.detach().flatten()[:65536].to("cpu", torch.float64)
+            digest.update(key.encode())
+            digest.update(sample.numpy().tobytes())
+        return digest.hexdigest()[:20]
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, weights={self.weights!r}, embed_dim={self.embed_dim}, "
+                f"num_layers={self.num_layers}, freeze={self.freeze_policy!r}")
+
+
+def _stem(model: nn.Module, container: str | None) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    """Modules that run before the blocks: at each level down to the block container, the children registered
+    before the branch that leads to it, plus token / position-embedding parameters held directly."""
+    if container is None:
+        return [], []
+    modules, parameters, parent = [], [], model
+    for part in container.split("."):
+        for name, child in parent.named_children():
+            if name == part:
+                break
+            modules.append(child)
+        parameters += [p for n, p in parent.named_parameters(recurse=False) if _STEM_PARAMETER.search(n)]
+        parent = module_at(parent, part)
+    return modules, parameters
