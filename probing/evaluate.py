@@ -1,0 +1,112 @@
+"""The numbers of a probe run, all computed by ``geometry/`` (through ``callbacks.geometry.geometry_metrics``).
+
+Per (backbone, dataset, layer): kNN, k-means ARI/NMI, linear probe, few-shot and, where the data has
+super-classes, the hierarchy metrics; kNN and the linear probe learn from the train split and are scored on
+the query split, the others use the query split (hierarchy: plus the held-out novel sub-classes). CKA compares
+the query-split features of two backbones on the same dataset, and every pair of layers of one backbone.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from callbacks.geometry import METRICS as GEOMETRY_METRICS
+from callbacks.geometry import geometry_metrics
+from probing.extract import FINAL_LAYER
+from probing.report import row
+
+log = logging.getLogger(__name__)
+
+#: What ``--metrics`` accepts: the geometry callback's metrics plus CKA.
+PROBE_METRICS = (*GEOMETRY_METRICS, "cka")
+
+
+def check_metrics(metrics: list[str], what: str = "metrics") -> list[str]:
+    unknown = sorted(set(metrics) - set(PROBE_METRICS))
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; choose from {list(PROBE_METRICS)}")
+    return list(metrics)
+
+
+def layer_metrics(splits: dict[str, dict[str, dict]], layer: str, metrics: list[str], num_classes: int | None,
+                  knn_ks: list[int], knn_temperature: float, kmeans_n_init: int, seed: int,
+                  query_split: str) -> dict[str, float]:
+    """``geometry_metrics`` of one layer: bank = train split, queries = ``query_split``, novel if extracted."""
+    wanted = [m for m in metrics if m in GEOMETRY_METRICS]
+    if not wanted:
+        return {}
+    novel = splits["novel"][layer] if "novel" in splits else None
+    return geometry_metrics(splits["train"][layer], splits[query_split][layer], wanted, tuple(knn_ks),
+                            knn_temperature, kmeans_n_init, seed, novel=novel, num_classes=num_classes)
+
+
+def cka(x: torch.Tensor, y: torch.Tensor, debiased: bool) -> float:
+    from geometry.cka import linear_cka
+
+    return float(linear_cka(x.float(), y.float(), debiased=debiased))
+
+
+def same_samples(a: dict, b: dict) -> bool:
+    return len(a["index"]) == len(b["index"]) and torch.equal(a["index"], b["index"])
+
+
+def cka_matrix(features: list[torch.Tensor], debiased: bool) -> list[list[float]]:
+    """Symmetric CKA matrix of a list of (N, D_i) feature sets over the same N samples."""
+    n = len(features)
+    matrix = [[1.0 if i == j else float("nan") for j in range(n)] for i in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            matrix[i][j] = matrix[j][i] = cka(features[i], features[j], debiased)
+    if debiased:  # debiased CKA of a representation with itself is 1 only in expectation: compute it
+        for i in range(n):
+            matrix[i][i] = cka(features[i], features[i], debiased)
+    return matrix
+
+
+def evaluate(features: dict[str, dict[str, dict]], datasets: dict[str, Any], metrics: list[str],
+             block_metrics: list[str], knn_ks: list[int], knn_temperature: float, kmeans_n_init: int,
+             seed: int, query_split: str, cka_debiased: bool) -> tuple[list[dict], dict[str, Any]]:
+    """All rows and the CKA matrices. ``features[backbone][dataset][split][layer]`` are feature dicts;
+    ``datasets[label]`` is a DataModule (for ``num_classes``)."""
+    rows: list[dict] = []
+    cka_section: dict[str, Any] = {"debiased": cka_debiased, "split": query_split, "backbones": {}, "layers": {}}
+    for backbone, per_dataset in features.items():
+        for dataset, splits in per_dataset.items():
+            num_classes = getattr(datasets[dataset], "num_classes", None)
+            layers = list(splits[query_split])
+            for layer in layers:
+                wanted = metrics if layer == FINAL_LAYER else block_metrics
+                values = layer_metrics(splits, layer, wanted, num_classes, knn_ks, knn_temperature, kmeans_n_init,
+                                       seed, query_split)
+                rows += [row(backbone, dataset, layer, name, value) for name, value in values.items()]
+            if "cka" in block_metrics and len(layers) > 1:
+                matrix = cka_matrix([splits[query_split][layer]["embedding"] for layer in layers], cka_debiased)
+                cka_section["layers"].setdefault(backbone, {})[dataset] = {"layers": layers, "matrix": matrix}
+                rows += [row(backbone, dataset, a, "cka_layers", matrix[i][j], against=b)
+                         for i, a in enumerate(layers) for j, b in enumerate(layers) if i != j]
+    if "cka" in metrics:
+        rows += backbone_cka(features, query_split, cka_debiased, cka_section)
+    return rows, cka_section
+
+
+def backbone_cka(features: dict, query_split: str, debiased: bool, section: dict) -> list[dict]:
+    """CKA between the final embeddings of every pair of backbones, per dataset (same samples required)."""
+    rows = []
+    names = list(features)
+    datasets = list(dict.fromkeys(d for per in features.values() for d in per))
+    for dataset in datasets:
+        have = [b for b in names if dataset in features[b]]
+        if len(have) < 2:
+            continue
+        sets = [features[b][dataset][query_split][FINAL_LAYER] for b in have]
+        if not all(same_samples(sets[0], other) for other in sets[1:]):
+            log.warning("CKA between backbones on %s skipped: the backbones saw different samples", dataset)
+            continue
+        matrix = cka_matrix([s["embedding"] for s in sets], debiased)
+        section["backbones"][dataset] = {"backbones": have, "matrix": matrix}
+        rows += [row(a, dataset, FINAL_LAYER, "cka_backbones", matrix[i][j], against=b)
+                 for i, a in enumerate(have) for j, b in enumerate(have) if i != j]
+    return rows

@@ -1,0 +1,150 @@
+"""The PNG figures of a probe run (matplotlib Agg, atomic writes), drawn from the rows and features.
+
+- ``embedding_<backbone>_<dataset>.png``: 2-D map of the query (+ novel) features coloured by class and
+  super-class (``callbacks.plots.project_2d``: PCA, or UMAP when asked for and installed);
+- ``cka_backbones_<dataset>.png`` and ``cka_layers_<backbone>_<dataset>.png``: CKA heatmaps
+  (``callbacks.cka.cka_heatmap``);
+- ``layers_<dataset>.png``: metric vs depth, one panel per metric, one line per backbone;
+- ``bar_<metric>.png``: the final-layer value of one metric per dataset and backbone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from callbacks.cka import cka_heatmap  # noqa: E402
+from callbacks.io import atomic_save_figure  # noqa: E402
+from callbacks.plots import embedding_map_figure, project_2d  # noqa: E402
+from probing.extract import FINAL_LAYER  # noqa: E402
+from probing.report import is_headline  # noqa: E402
+from probing.specs import slug  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+#: Points drawn in one embedding map at most (a seeded subset beyond that).
+MAX_MAP_POINTS = 5000
+
+
+def map_method(requested: str) -> str:
+    """``auto`` means UMAP when ``umap-learn`` is installed, else PCA."""
+    if requested != "auto":
+        return requested
+    try:
+        import umap  # noqa: F401
+    except ImportError:
+        return "pca"
+    return "umap"
+
+
+def _save(figure, path: Path) -> Path:
+    atomic_save_figure(figure, path)
+    plt.close(figure)
+    return path
+
+
+def embedding_map(out_dir: Path, backbone: str, dataset: str, splits: dict, datamodule, query_split: str,
+                  method: str, seed: int) -> Path:
+    """Query features (and novel sub-classes, if any) projected to 2-D, coloured by class and super-class."""
+    parts = [splits[query_split][FINAL_LAYER]] + ([splits["novel"][FINAL_LAYER]] if "novel" in splits else [])
+    x = torch.cat([p["embedding"].float() for p in parts])
+    labels = torch.cat([p["label"] for p in parts])
+    superclass = torch.cat([p["superclass"] for p in parts]) if all("superclass" in p for p in parts) else None
+    if len(x) > MAX_MAP_POINTS:
+        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:MAX_MAP_POINTS]
+        x, labels = x[keep], labels[keep]
+        superclass = superclass[keep] if superclass is not None else None
+    points = project_2d(x, method=method, seed=seed)
+    colours = {"class": labels}
+    names = {"class": list(getattr(datamodule, "class_names", []) or []) or None}
+    if superclass is not None:
+        colours["super-class"] = superclass
+        names["super-class"] = list(getattr(datamodule, "superclass_names", None) or []) or None
+    figure = embedding_map_figure(points, colours, f"{backbone} on {dataset} ({method.upper()})", names)
+    return _save(figure, out_dir / f"embedding_{slug(backbone)}_{slug(dataset)}.png")
+
+
+def cka_heatmaps(out_dir: Path, cka_section: dict[str, Any]) -> list[Path]:
+    paths = []
+    for dataset, entry in cka_section.get("backbones", {}).items():
+        names = entry["backbones"]
+        figure = cka_heatmap(torch.tensor(entry["matrix"]), f"CKA between backbones ({dataset})", "backbone",
+                             "backbone", names, names)
+        paths.append(_save(figure, out_dir / f"cka_backbones_{slug(dataset)}.png"))
+    for backbone, per_dataset in cka_section.get("layers", {}).items():
+        for dataset, entry in per_dataset.items():
+            ticks = [name.replace("block", "") for name in entry["layers"]]
+            figure = cka_heatmap(torch.tensor(entry["matrix"]), f"CKA between layers: {backbone} ({dataset})",
+                                 "layer", "layer", ticks, ticks)
+            paths.append(_save(figure, out_dir / f"cka_layers_{slug(backbone)}_{slug(dataset)}.png"))
+    return paths
+
+
+def layer_curves(out_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
+    """Per dataset: one panel per metric, value vs block index per backbone; the final embedding as a star."""
+    paths = []
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    for dataset in datasets:
+        mine = [r for r in rows if r["dataset"] == dataset and not r["against"] and is_headline(r["metric"])]
+        metrics = list(dict.fromkeys(r["metric"] for r in mine if r["layer"] != FINAL_LAYER))
+        if not metrics:
+            continue
+        columns = min(3, len(metrics))
+        lines = -(-len(metrics) // columns)
+        figure, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.2 * lines), squeeze=False)
+        for axis, metric in zip(axes.flat, metrics):
+            for backbone in dict.fromkeys(r["backbone"] for r in mine):
+                points = sorted((int(r["layer"][5:]), r["value"]) for r in mine
+                                if r["backbone"] == backbone and r["metric"] == metric and r["layer"] != FINAL_LAYER)
+                if not points:
+                    continue
+                depth, values = zip(*points)
+                (line,) = axis.plot(depth, values, marker="o", markersize=3, label=backbone)
+                final = [r["value"] for r in mine if r["backbone"] == backbone and r["metric"] == metric
+                         and r["layer"] == FINAL_LAYER]
+                if final:
+                    axis.plot([depth[-1] + 1], final, marker="*", markersize=10, color=line.get_color())
+            axis.set_title(metric, fontsize=9)
+            axis.set_xlabel("block (star: final embedding)", fontsize=8)
+            axis.grid(alpha=0.3)
+        for axis in list(axes.flat)[len(metrics):]:
+            axis.axis("off")
+        axes.flat[0].legend(fontsize=7)
+        figure.suptitle(f"metric vs depth on {dataset}")
+        figure.tight_layout()
+        paths.append(_save(figure, out_dir / f"layers_{slug(dataset)}.png"))
+    return paths
+
+
+def metric_bars(out_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
+    """One grouped bar chart per headline metric: datasets on x, one bar per backbone (few-shot: 95% CI)."""
+    final = [r for r in rows if r["layer"] == FINAL_LAYER and not r["against"]]
+    values = {(r["metric"], r["dataset"], r["backbone"]): r["value"] for r in final}
+    backbones = list(dict.fromkeys(r["backbone"] for r in final))
+    paths = []
+    for metric in dict.fromkeys(r["metric"] for r in final if is_headline(r["metric"])):
+        datasets = list(dict.fromkeys(r["dataset"] for r in final if r["metric"] == metric))
+        width = 0.8 / max(1, len(backbones))
+        figure, axis = plt.subplots(figsize=(1.5 + 1.6 * len(datasets) * max(1, len(backbones)) ** 0.5, 3.6))
+        for b, backbone in enumerate(backbones):
+            heights = [values.get((metric, d, backbone), float("nan")) for d in datasets]
+            errors = None
+            if metric.startswith("fewshot") and metric.endswith("_acc"):
+                ci = metric[: -len("_acc")] + "_ci95"
+                errors = [values.get((ci, d, backbone), 0.0) for d in datasets]
+            axis.bar([i + (b - (len(backbones) - 1) / 2) * width for i in range(len(datasets))], heights, width,
+                     yerr=errors, capsize=3, label=backbone)
+        axis.set_xticks(range(len(datasets)), datasets)
+        axis.set_title(metric)
+        axis.grid(axis="y", alpha=0.3)
+        axis.legend(fontsize=7, loc="best")
+        figure.tight_layout()
+        paths.append(_save(figure, out_dir / f"bar_{slug(metric)}.png"))
+    return paths

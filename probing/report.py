@@ -1,0 +1,99 @@
+"""What a probe run leaves behind: ``results.csv`` and ``results.json`` (long format) and the terminal table.
+
+A row is ``{backbone, dataset, layer, metric, value, against}``: ``layer`` is ``final`` (the backbone's
+embedding) or ``blockNN``; ``against`` is empty except for CKA rows, where it names the other backbone
+(``metric = cka_backbones``) or the other layer (``metric = cka_layers``). Values are written with full
+precision, so the CSV holds exactly the numbers ``geometry/`` returned.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+from callbacks.io import atomic_write_json, atomic_write_text
+
+COLUMNS = ("backbone", "dataset", "layer", "metric", "value", "against")
+
+
+def row(backbone: str, dataset: str, layer: str, metric: str, value: float, against: str = "") -> dict[str, Any]:
+    return {"backbone": backbone, "dataset": dataset, "layer": layer, "metric": metric, "value": float(value),
+            "against": against}
+
+
+def is_headline(metric: str) -> bool:
+    """Metrics worth a table column, a bar chart and a layer curve (not CIs, top-5 or CKA pairs)."""
+    return not (metric.endswith("_ci95") or metric.startswith("knn_top5") or metric.startswith("cka_"))
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({**r, "value": repr(float(r["value"]))})
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``results.csv`` with float values (for tests and later analysis)."""
+    with open(path, newline="") as handle:
+        return [{**r, "value": float(r["value"])} for r in csv.DictReader(handle)]
+
+
+def write_json(path: str | Path, rows: list[dict[str, Any]], **sections: Any) -> Path:
+    return atomic_write_json(path, {**sections, "results": rows})
+
+
+def _format(value: float, ci: float | None = None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}" if ci is None else f"{value:.4f} ± {ci:.3f}"
+
+
+def final_table(rows: list[dict[str, Any]], backbones: list[str], title: str = "fmprobe: frozen-feature probing"):
+    """A Rich table: one line per (dataset, metric) at the final layer, one column per backbone."""
+    from rich.table import Table
+
+    final = {(r["dataset"], r["metric"], r["backbone"]): r["value"] for r in rows
+             if r["layer"] == "final" and not r["against"]}
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("dataset")
+    table.add_column("metric")
+    for name in backbones:
+        table.add_column(name, justify="right")
+    seen = []
+    for dataset, metric, _ in final:
+        if is_headline(metric) and (dataset, metric) not in seen:
+            seen.append((dataset, metric))
+    for dataset, metric in seen:
+        cells = []
+        for name in backbones:
+            value = final.get((dataset, metric, name))
+            ci = final.get((dataset, metric.replace("_acc", "_ci95"), name)) if metric.startswith("fewshot") else None
+            cells.append(_format(value, ci) if value is not None else "-")
+        table.add_row(dataset, metric, *cells)
+    return table
+
+
+def best_layer_table(rows: list[dict[str, Any]]):
+    """In layer-wise runs: per (backbone, dataset, metric), the best block and its value next to the final one."""
+    from rich.table import Table
+
+    groups: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if not r["against"] and is_headline(r["metric"]):
+            groups.setdefault((r["backbone"], r["dataset"], r["metric"]), {})[r["layer"]] = r["value"]
+    table = Table(title="layer-wise: best block vs final embedding", show_header=True, header_style="bold")
+    for column in ("backbone", "dataset", "metric", "best block", "value", "final"):
+        table.add_column(column, justify="left" if column in ("backbone", "dataset", "metric") else "right")
+    for (backbone, dataset, metric), by_layer in groups.items():
+        blocks = {k: v for k, v in by_layer.items() if k != "final" and not math.isnan(v)}
+        if not blocks:
+            continue
+        best = max(blocks, key=blocks.get)
+        table.add_row(backbone, dataset, metric, best, _format(blocks[best]), _format(by_layer.get("final")))
+    return table
