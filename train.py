@@ -13,14 +13,14 @@ is linked into ``model.init_args.num_classes``. Every run lives in ``<runs_dir>/
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from callbacks.io import atomic_write_text
 from callbacks.results import ResultsWriter
 from datamodules.base import BaseDataModule
 from models.backbones import resolve_preprocessing
@@ -34,6 +34,39 @@ def preprocessing_for(backbone: str, image_size: int | None):
 
 def _short(class_path: str | None) -> str:
     return (class_path or "").rsplit(".", 1)[-1].replace("Module", "").replace("Data", "").lower() or "run"
+
+
+def configure_loggers(trainer_config, run_dir: Path, run_name: str) -> None:
+    """Put every logger's files in the run directory; the CSV logger when none is configured."""
+    logger = trainer_config.get("logger")
+    if logger in (None, True):
+        trainer_config["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                    "init_args": {"save_dir": str(run_dir), "name": "", "version": "logs"}}
+        return
+    for entry in logger if isinstance(logger, list) else [logger]:
+        if not hasattr(entry, "get") or not entry.get("class_path"):
+            continue
+        init_args = entry.get("init_args")
+        if init_args is None:
+            entry["init_args"] = init_args = {}
+        kind = entry["class_path"].rsplit(".", 1)[-1]
+        if not init_args.get("save_dir"):
+            init_args["save_dir"] = str(run_dir)
+        if kind in ("CSVLogger", "TensorBoardLogger"):
+            init_args["name"], init_args["version"] = "", init_args.get("version") or "logs"
+        if kind == "WandbLogger" and not init_args.get("name"):
+            init_args["name"] = run_name
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Writes the resolved config as ``<run dir>/config.yaml`` (atomically, rank 0), whatever the logger."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved or not trainer.is_global_zero:
+            return
+        text = self.parser.dump(self.config, skip_none=False, skip_check=True)
+        atomic_write_text(Path(trainer.default_root_dir) / self.config_filename, text)
+        self.already_saved = True
 
 
 class FMProbeCLI(LightningCLI):
@@ -68,10 +101,14 @@ class FMProbeCLI(LightningCLI):
         trainer["default_root_dir"] = str(run_dir)
         if config.get("checkpoint") is not None and not config["checkpoint"].get("dirpath"):
             config["checkpoint"]["dirpath"] = str(run_dir / "checkpoints")
-        if trainer.get("logger") in (None, True):
-            trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                 "init_args": {"save_dir": str(run_dir), "name": "", "version": ""}}
-        os.environ.setdefault("FMPROBE_RUN_DIR", str(run_dir))
+        configure_loggers(trainer, run_dir, name)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # A Rich progress bar unless the config names a progress bar of its own (Lightning allows one).
+        configured = list(config.get("callbacks") or []) + list(callbacks)
+        if not any(isinstance(c, ProgressBar) for c in configured) and config.get("enable_progress_bar", True):
+            callbacks = [*callbacks, RichProgressBar(leave=True)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
         self._give_results_writer_the_config()
@@ -98,8 +135,9 @@ def main(args: list[str] | None = None) -> FMProbeCLI:
         BaseDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [RichProgressBar(leave=True)], "log_every_n_steps": 10},
+        trainer_defaults={"log_every_n_steps": 10},
         parser_kwargs={"default_env": False},
         args=args,
     )

@@ -45,12 +45,6 @@ def geometry_metrics(bank: dict, query: dict, metrics=("knn", "kmeans", "linear"
     kNN and the linear probe learn from the bank and are scored on the queries; k-means clusters the
     queries into ``num_classes`` clusters; hierarchy metrics use the queries (plus the novel samples).
     """
-    from geometry.fewshot import fewshot_accuracy
-    from geometry.hierarchy import hierarchy_metrics
-    from geometry.kmeans import clustering_scores
-    from geometry.knn import knn_topk_accuracy
-    from geometry.linear_probe import linear_probe_accuracy
-
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise ValueError(f"unknown geometry metrics {unknown}; choose from {list(METRICS)}")
@@ -61,6 +55,8 @@ def geometry_metrics(bank: dict, query: dict, metrics=("knn", "kmeans", "linear"
         return {}
     out: dict[str, float] = {}
     if "knn" in metrics:
+        from geometry.knn import knn_topk_accuracy
+
         ks = tuple(k for k in knn_ks if k <= len(bx))
         if len(ks) < len(knn_ks):
             warnings.warn(f"kNN: k values {sorted(set(knn_ks) - set(ks))} exceed the bank size {len(bx)}; skipped",
@@ -70,16 +66,24 @@ def geometry_metrics(bank: dict, query: dict, metrics=("knn", "kmeans", "linear"
             for t in (1, 5):
                 out.update({f"knn_top{t}@{k}": value for k, value in accuracy[t].items()})
     if "kmeans" in metrics:
+        from geometry.kmeans import clustering_scores
+
         n_clusters = num_classes or int(torch.unique(qy).numel())
         n_clusters = min(n_clusters, len(qx))
         scores = clustering_scores(qx, qy, n_clusters=n_clusters, seed=seed, n_init=kmeans_n_init)
         out["kmeans_ari"], out["kmeans_nmi"] = scores["ari"], scores["nmi"]
     if "linear" in metrics:
+        from geometry.linear_probe import linear_probe_accuracy
+
         out["linear_probe_acc"] = linear_probe_accuracy(bx, by, qx, qy, seed=seed)
     if "fewshot" in metrics:
+        from geometry.fewshot import fewshot_accuracy
+
         for shots, (mean, ci) in fewshot_accuracy(qx, qy, seed=seed).items():
             out[f"fewshot_{shots}shot_acc"], out[f"fewshot_{shots}shot_ci95"] = mean, ci
     if "hierarchy" in metrics and "superclass" in query:
+        from geometry.hierarchy import hierarchy_metrics
+
         x, sub, sup = qx, qy, query["superclass"]
         novel_mask = torch.zeros(len(x), dtype=torch.bool)
         if novel is not None and "superclass" in novel:

@@ -145,7 +145,7 @@ class ResultsWriter(L.Callback):
         checkpoint = trainer.checkpoint_callback
         last = getattr(checkpoint, "last_model_path", "") if stage == "fit" else ""
         console.print(f"run directory : {Path(trainer.default_root_dir).resolve()}")
-        if last:
+        if last and Path(last).exists():
             console.print(f"checkpoint    : {last}")
         config = Path(trainer.default_root_dir) / "config.yaml"
         if config.exists():
