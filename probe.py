@@ -182,7 +182,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     if not is_rank_zero:
         return {}
 
-    rows, cka_section = evaluate(features, modules, metrics, block_metrics, cfg.knn_ks, cfg.knn_temperature,
+    rows, cka_section = evaluate(features, metrics, block_metrics, cfg.knn_ks, cfg.knn_temperature,
                                  cfg.kmeans_n_init, cfg.seed, cfg.query_split, cfg.cka_debiased)
     comparisons = []
     if pairs:

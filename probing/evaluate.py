@@ -66,20 +66,21 @@ def cka_matrix(features: list[torch.Tensor], debiased: bool) -> list[list[float]
     return matrix
 
 
-def evaluate(features: dict[str, dict[str, dict]], datasets: dict[str, Any], metrics: list[str],
-             block_metrics: list[str], knn_ks: list[int], knn_temperature: float, kmeans_n_init: int,
+def evaluate(features: dict[str, dict[str, dict]], metrics: list[str], block_metrics: list[str], knn_ks: list[int], knn_temperature: float, kmeans_n_init: int,
              seed: int, query_split: str, cka_debiased: bool) -> tuple[list[dict], dict[str, Any]]:
-    """All rows and the CKA matrices. ``features[backbone][dataset][split][layer]`` are feature dicts;
-    ``datasets[label]`` is a DataModule (for ``num_classes``)."""
+    """All rows and the CKA matrices from ``features[backbone][dataset][split][layer]`` (feature dicts).
+
+    k-means uses as many clusters as the query split has classes (not the dataset's ``num_classes``, which
+    counts the held-out novel sub-classes of the synthetic data too).
+    """
     rows: list[dict] = []
     cka_section: dict[str, Any] = {"debiased": cka_debiased, "split": query_split, "backbones": {}, "layers": {}}
     for backbone, per_dataset in features.items():
         for dataset, splits in per_dataset.items():
-            num_classes = getattr(datasets[dataset], "num_classes", None)
             layers = list(splits[query_split])
             for layer in layers:
                 wanted = metrics if layer == FINAL_LAYER else block_metrics
-                values = layer_metrics(splits, layer, wanted, num_classes, knn_ks, knn_temperature, kmeans_n_init,
+                values = layer_metrics(splits, layer, wanted, None, knn_ks, knn_temperature, kmeans_n_init,
                                        seed, query_split)
                 rows += [row(backbone, dataset, layer, name, value) for name, value in values.items()]
             if "cka" in block_metrics and len(layers) > 1:

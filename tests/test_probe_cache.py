@@ -1,0 +1,88 @@
+"""The feature cache on its own: round trip, and every kind of damage detected (never silently used)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from probing.cache import FeatureCache
+
+
+def _key(layer: str = "final", **extra) -> dict:
+    return {"backbone": {"id": "tiny@random", "fingerprint": "abc"}, "dataset": {"label": "digits"},
+            "split": "train", "layer": layer, **extra}
+
+
+def _features(n: int = 7, d: int = 5, superclass: bool = True) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    out = {"embedding": torch.randn(n, d, generator=generator), "label": torch.arange(n) % 3,
+           "index": torch.arange(n)}
+    if superclass:
+        out["superclass"] = torch.arange(n) % 2
+    return out
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_round_trip_and_stats(tmp_path):
+    cache = FeatureCache(tmp_path)
+    assert cache.load(_key()) is None and cache.stats["misses"] == 1
+    path = cache.save(_key(), _features())
+    assert path.exists() and cache.sidecar(path).exists()
+    _assert_same(cache.load(_key()), _features())
+    assert cache.stats["hits"] == 1 and cache.stats["written"] == 1
+    meta = json.loads(cache.sidecar(path).read_text())
+    assert meta["size"] == path.stat().st_size and len(meta["sha256"]) == 64 and meta["rows"] == 7
+    # Each layer, split or fingerprint is its own entry.
+    assert cache.path_for(_key("block00")) != path
+    assert cache.path_for({**_key(), "backbone": {"id": "tiny@random", "fingerprint": "xyz"}}) != path
+
+
+def _damage(path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "flip":  # same size, one byte of the embedding changed
+        data[-3] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "no_sidecar":
+        FeatureCache.sidecar(path).unlink()
+    elif how == "bad_sidecar":
+        FeatureCache.sidecar(path).write_text("{not json")
+    elif how == "other_key":
+        meta = json.loads(FeatureCache.sidecar(path).read_text())
+        meta["key"]["split"] = "test"
+        FeatureCache.sidecar(path).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "empty", "no_sidecar", "bad_sidecar", "other_key"])
+def test_damaged_entries_are_detected_and_rebuilt(tmp_path, how, caplog):
+    cache = FeatureCache(tmp_path)
+    path = cache.save(_key(), _features())
+    _damage(path, how)
+    with caplog.at_level("WARNING"):
+        assert cache.load(_key()) is None
+    assert cache.stats["corrupt"] == 1 and "rebuilding" in caplog.text
+    cache.save(_key(), _features())  # the rebuild overwrites the damaged entry
+    _assert_same(cache.load(_key()), _features())
+
+
+def test_modes_no_cache_rebuild_and_read_only(tmp_path):
+    FeatureCache(tmp_path).save(_key(), _features(superclass=False))
+    off = FeatureCache(tmp_path, enabled=False)
+    assert off.load(_key()) is None and off.save(_key("x"), _features()) is None
+    assert not off.path_for(_key("x")).exists()
+    rebuild = FeatureCache(tmp_path, rebuild=True)
+    assert rebuild.load(_key()) is None
+    assert rebuild.save(_key(), _features()) is not None
+    _assert_same(FeatureCache(tmp_path).load(_key()), _features())
+    reader = FeatureCache(tmp_path, writable=False)  # a DDP rank > 0
+    assert reader.load(_key()) is not None and reader.save(_key("y"), _features()) is None
