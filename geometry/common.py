@@ -56,6 +56,14 @@ def rows_per_chunk(n_columns: int, device: torch.device, chunk_size: int | None 
     return max(1, budget // max(1, n_columns))
 
 
+def column_means(x: Tensor, chunk_rows: int = 8192) -> Tensor:
+    """Per-feature float64 means, summed chunk by chunk: ``x.sum(dtype=float64)`` would copy all of x to float64."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for chunk in x.split(chunk_rows):
+        total += chunk.sum(dim=0, dtype=torch.float64)
+    return total / x.shape[0]
+
+
 def squared_norms(x: Tensor) -> Tensor:
     return torch.einsum("nd,nd->n", x, x)
 

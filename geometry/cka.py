@@ -1,0 +1,208 @@
+"""Centered kernel alignment (Kornblith et al. 2019) between two representations of the same samples.
+
+- ``linear_cka``: exact for any n. When n exceeds the feature dimensions it works in feature space,
+  ``||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``, streaming over samples so memory is O(d^2 + n)
+  (n = 200k, d = 768: three d x d float64 accumulators, ~14 MB, plus one sample chunk), never n x n.
+  For n below the dimensions the n x n Gram form is the smaller one and is used instead.
+- ``debiased=True``: the unbiased HSIC estimator of Song et al. (2012) in place of the plug-in one,
+  Kornblith's "debiased CKA"; close to 0 for independent representations, and may be negative.
+- ``rbf_cka``: Gaussian-kernel CKA for small n (builds n x n Grams; refuses n > ``max_samples``).
+- ``MinibatchCKA``: Nguyen et al. (2021): the mean of per-minibatch unbiased HSIC terms, accumulated in a
+  4-element state tensor that ranks can all-reduce (sum) before ``compute()``.
+
+All estimators need at least 4 samples (the unbiased estimator divides by n - 3) and raise ValueError
+below. A representation with no variance (or a non-positive self-similarity estimate) has no defined CKA:
+the result is 0.0 with a warning, never NaN. Sums are accumulated in float64; the per-chunk products
+run in the input precision (float64 in, float64 throughout).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from geometry.common import as_features, column_means, rows_per_chunk, squared_norms
+
+MIN_SAMPLES = 4
+
+
+def _pair(x, y) -> tuple[Tensor, Tensor]:
+    x, y = as_features(x, "x"), as_features(y, "y")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must hold the same number of samples, got {x.shape[0]} and {y.shape[0]}")
+    if x.shape[0] < MIN_SAMPLES:
+        raise ValueError(f"CKA needs at least {MIN_SAMPLES} samples (the unbiased HSIC estimator divides by "
+                         f"n - 3), got {x.shape[0]}")
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    return x.to(dtype), y.to(device=x.device, dtype=dtype)
+
+
+def _ratio(hsic_xy: float, hsic_xx: float, hsic_yy: float) -> float:
+    """hsic_xy / sqrt(hsic_xx hsic_yy), or 0.0 with a warning where the normaliser is not positive."""
+    if not hsic_xx > 0.0 or not hsic_yy > 0.0:
+        warnings.warn("CKA undefined: a representation has zero (or estimated non-positive) self-similarity, "
+                      "e.g. constant features; returning 0.0", UserWarning, stacklevel=3)
+        return 0.0
+    return float(hsic_xy / (hsic_xx * hsic_yy) ** 0.5)
+
+
+def _center_gram(gram: Tensor, unbiased: bool) -> Tensor:
+    """Kornblith et al.'s centring: H K H, or the unbiased form whose inner products are n(n-3) HSIC_1."""
+    gram = gram.clone()
+    n = gram.shape[0]
+    if unbiased:
+        gram.fill_diagonal_(0.0)
+        means = gram.sum(dim=0) / (n - 2)
+        means -= means.sum() / (2 * (n - 1))
+    else:
+        means = gram.mean(dim=0)
+        means -= means.mean() / 2
+    gram -= means.unsqueeze(1)
+    gram -= means.unsqueeze(0)
+    if unbiased:
+        gram.fill_diagonal_(0.0)
+    return gram
+
+
+def _gram_cka(gram_x: Tensor, gram_y: Tensor, debiased: bool) -> float:
+    kx, ky = _center_gram(gram_x, debiased), _center_gram(gram_y, debiased)
+    return _ratio(float((kx * ky).sum()), float((kx * kx).sum()), float((ky * ky).sum()))
+
+
+def linear_cka(x, y, debiased: bool = False, chunk_size: int | None = None) -> float:
+    """Linear CKA of x (N, Dx) and y (N, Dy), rows = the same samples; a Python float.
+
+    Exact for any N; memory O(Dx^2 + Dy^2 + Dx Dy + N) when N > Dx + Dy, else O(N^2).
+    ``chunk_size`` = samples per streamed chunk (default 8192, fewer for very wide features).
+    """
+    x, y = _pair(x, y)
+    n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
+    mean_x, mean_y = column_means(x).to(x.dtype), column_means(y).to(x.dtype)
+    if n <= dx + dy:
+        xc, yc = (x - mean_x).double(), (y - mean_y).double()
+        return _gram_cka(xc @ xc.T, yc @ yc.T, debiased)
+
+    acc = {"xy": (dx, dy), "xx": (dx, dx), "yy": (dy, dy)}
+    acc = {key: torch.zeros(shape, dtype=torch.float64, device=x.device) for key, shape in acc.items()}
+    row_sq_x = torch.empty(n, dtype=torch.float64, device=x.device)
+    row_sq_y = torch.empty(n, dtype=torch.float64, device=x.device)
+    # Chunks of 8192 rows already saturate the matmul; bigger ones only raise the peak memory.
+    step = min(rows_per_chunk(max(dx, dy), x.device, chunk_size), chunk_size or 8192)
+    for start in range(0, n, step):
+        xc, yc = x[start : start + step] - mean_x, y[start : start + step] - mean_y
+        acc["xy"] += (xc.T @ yc).double()
+        acc["xx"] += (xc.T @ xc).double()
+        acc["yy"] += (yc.T @ yc).double()
+        row_sq_x[start : start + step] = squared_norms(xc)
+        row_sq_y[start : start + step] = squared_norms(yc)
+    hsic = {key: float(m.pow(2).sum()) for key, m in acc.items()}
+    if debiased:
+        # Kornblith et al.'s feature-space form of the unbiased estimator (scaled by n(n-3)).
+        sq_norm_x, sq_norm_y = float(row_sq_x.sum()), float(row_sq_y.sum())
+
+        def unbiased(product: float, rows_a: Tensor, rows_b: Tensor, norm_a: float, norm_b: float) -> float:
+            return product - n / (n - 2) * float(rows_a @ rows_b) + norm_a * norm_b / ((n - 1) * (n - 2))
+
+        hsic = {"xy": unbiased(hsic["xy"], row_sq_x, row_sq_y, sq_norm_x, sq_norm_y),
+                "xx": unbiased(hsic["xx"], row_sq_x, row_sq_x, sq_norm_x, sq_norm_x),
+                "yy": unbiased(hsic["yy"], row_sq_y, row_sq_y, sq_norm_y, sq_norm_y)}
+    return _ratio(hsic["xy"], hsic["xx"], hsic["yy"])
+
+
+def _rbf_gram(x: Tensor, sigma: float | None, median_fraction: float) -> Tensor:
+    """exp(-|xi - xj|^2 / (2 s^2)) with s = sigma, or s = median_fraction x the median pairwise distance.
+
+    The median runs over all N^2 entries, diagonal included, exactly as in Kornblith et al.'s code.
+    """
+    x = (x - column_means(x).to(x.dtype)).double()
+    dots = x @ x.T
+    sq_norms = dots.diagonal()
+    sq_dist = sq_norms.unsqueeze(1) + sq_norms.unsqueeze(0) - 2.0 * dots
+    if sigma is not None:
+        scale = 2.0 * float(sigma) ** 2
+    else:
+        flat = sq_dist.flatten()
+        half = flat.numel() // 2
+        lower = flat.kthvalue(half).values if flat.numel() % 2 == 0 else flat.kthvalue(half + 1).values
+        median = 0.5 * (lower + flat.kthvalue(half + 1).values)  # numpy's median: mean of the middle pair
+        if not median > 0:
+            if bool((sq_dist == 0).all()):
+                return torch.ones_like(sq_dist)  # constant input: centres to zero, handled as no variance
+            raise ValueError("the median pairwise distance is 0 (more than half the pairs are duplicates); "
+                             "pass an explicit sigma")
+        scale = 2.0 * median_fraction**2 * float(median)
+    return (-sq_dist / scale).exp_()
+
+
+def rbf_cka(x, y, sigma: float | None = None, median_fraction: float = 0.8, debiased: bool = False,
+            max_samples: int = 8192) -> float:
+    """CKA with Gaussian kernels (Kornblith et al. 2019); a Python float.
+
+    ``sigma``: an absolute bandwidth shared by both kernels; by default each representation uses
+    ``median_fraction`` (0.8, Kornblith's choice) times its own median pairwise distance, which makes
+    the value invariant to isotropic scaling. Builds N x N float64 Grams, so N is capped at ``max_samples``.
+    """
+    x, y = _pair(x, y)
+    if x.shape[0] > max_samples:
+        raise ValueError(f"rbf_cka builds N x N Gram matrices; N={x.shape[0]} exceeds max_samples={max_samples}. "
+                         "Subsample, or use linear_cka, which is exact at any N")
+    return _gram_cka(_rbf_gram(x, sigma, median_fraction), _rbf_gram(y, sigma, median_fraction), debiased)
+
+
+def _hsic1(gram_x: Tensor, gram_y: Tensor) -> Tensor:
+    """Song et al. (2012)'s unbiased HSIC estimator; both Grams have zeroed diagonals."""
+    n = gram_x.shape[0]
+    col_x, col_y = gram_x.sum(dim=0), gram_y.sum(dim=0)
+    return ((gram_x * gram_y).sum() + col_x.sum() * col_y.sum() / ((n - 1) * (n - 2))
+            - 2.0 * (col_x @ col_y) / (n - 2)) / (n * (n - 3))
+
+
+class MinibatchCKA:
+    """Minibatch linear CKA (Nguyen et al. 2021): mean_i HSIC_1(Kx_i, Ky_i) / sqrt(mean HSIC_1(Kx,Kx) mean HSIC_1(Ky,Ky)).
+
+    Every minibatch counts equally. The state is one float64 tensor
+    ``[sum HSIC_xy, sum HSIC_xx, sum HSIC_yy, number of batches]``: summing it over ranks (``sync`` with an
+    all-reduce, or ``merge``) gives exactly the value of one process that saw every rank's batches.
+    """
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self._state = torch.zeros(4, dtype=torch.float64, device=device)
+
+    def update(self, x, y) -> None:
+        """Add one minibatch: x (B, Dx), y (B, Dy) for the same B >= 4 samples."""
+        x, y = _pair(x, y)
+        # HSIC_1 is translation invariant; centring first only removes cancellation in the Gram sums.
+        grams = []
+        for features in (x, y):
+            centred = (features - column_means(features).to(features.dtype)).double()
+            grams.append((centred @ centred.T).fill_diagonal_(0.0))
+        kx, ky = grams
+        terms = torch.stack([_hsic1(kx, ky), _hsic1(kx, kx), _hsic1(ky, ky), torch.ones((), dtype=torch.float64,
+                                                                                        device=kx.device)])
+        self._state = self._state.to(kx.device) + terms
+
+    def compute(self) -> float:
+        hsic_xy, hsic_xx, hsic_yy, batches = self._state.tolist()
+        if batches == 0:
+            raise ValueError("MinibatchCKA.compute() called before any batch was added")
+        return _ratio(hsic_xy / batches, hsic_xx / batches, hsic_yy / batches)
+
+    def reset(self) -> None:
+        self._state = torch.zeros_like(self._state)
+
+    def state_tensor(self) -> Tensor:
+        """A copy of the summable state ``[sum HSIC_xy, sum HSIC_xx, sum HSIC_yy, batches]`` (float64)."""
+        return self._state.clone()
+
+    def sync(self, reduce_fn: Callable[[Tensor], Tensor]) -> MinibatchCKA:
+        """Replace the state by ``reduce_fn(state)``, e.g. a sum all-reduce across ranks."""
+        self._state = reduce_fn(self._state.clone()).to(torch.float64)
+        return self
+
+    def merge(self, other: MinibatchCKA) -> MinibatchCKA:
+        """Add another accumulator's batches to this one."""
+        self._state = self._state + other._state.to(self._state.device)
+        return self
