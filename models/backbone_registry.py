@@ -124,7 +124,8 @@ REGISTRY: dict[str, BackboneSpec] = {
         _spec("mambavision-t", "mambavision", "nvidia/MambaVision-T-1K", 224, IMAGENET_MEAN, IMAGENET_STD,
               unused_parameters=(r"^model\.head\.",)),
         _timm("resnet50", "resnet50.a1_in1k"),
-        _timm("vit-b16", "vit_base_patch16_224.augreg2_in21k_ft_in1k", mean=HALF, std=HALF),
+        _timm("vit-b16", "vit_base_patch16_224.augreg2_in21k_ft_in1k", mean=HALF, std=HALF,
+              fixed=dict(dynamic_img_size=True)),  # any input size: position embeddings interpolated per call
         _spec("clip-vit-b32", "open_clip", "ViT-B-32", 224, CLIP_MEAN, CLIP_STD, pretrained_tag="openai",
               fixed=dict(quick_gelu=True)),  # OpenAI's CLIP was trained with QuickGELU
         _timm("efficientnet-lite0", "tf_efficientnet_lite0", mean=HALF, std=HALF,
