@@ -9,10 +9,44 @@ import json
 import pickle
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 from PIL import Image
 
+from datamodules.base import IMAGENET_MEAN, IMAGENET_STD, BaseDataModule, Splits
+from datamodules.cifar import ArraySource
+
 PREP = {"input_size": 16, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+#: A ConvNeXt of 127k random parameters (32 px input: ConvNeXt downsamples 32x).
+TINY = dict(backbone="convnext-tiny", weights="random", image_size=32,
+            backbone_overrides={"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)})
+
+
+class TinyData(BaseDataModule):
+    """``n`` random 8x8 images in 3 classes (test: the first 6), fed at 32 px with ConvNeXt's ImageNet mean/std."""
+
+    num_classes = 3
+    class_names = ["a", "b", "c"]
+
+    def __init__(self, n: int = 24, **kwargs):
+        super().__init__(preprocessing={"input_size": 32, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}, batch_size=8,
+                         num_workers=0, val_fraction=0.0, **kwargs)
+        self.n = n
+
+    def load_splits(self) -> Splits:
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (self.n, 8, 8, 3), dtype=np.uint8)
+        labels = np.arange(self.n) % 3
+        return Splits(train=ArraySource(images, labels), test=ArraySource(images[:6], labels[:6]))
+
+
+def tiny_trainer(**kwargs) -> L.Trainer:
+    """A quiet CPU Trainer without logger, checkpoints or validation (unless ``kwargs`` say otherwise)."""
+    options = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    return L.Trainer(**{**options, **kwargs})
 
 
 def _rng(seed: int = 0) -> np.random.Generator:
