@@ -1,0 +1,99 @@
+"""GeometryEval: exact numbers, DDP de-duplication by sample index, results.json."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from callbacks.extract import deduplicate_by_index, gather_by_index
+from callbacks.geometry import geometry_metrics
+from geometry.kmeans import clustering_scores
+from geometry.knn import knn_accuracy
+from geometry.linear_probe import linear_probe_accuracy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "--model.init_args.backbone", "convnext-tiny",
+    "--model.init_args.weights", "random",
+    "--model.init_args.backbone_overrides", '{"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]}',
+    "--model.init_args.image_size", "32",
+    "--data.init_args.limit_data", "101",      # odd bank: DistributedSampler pads one duplicate in
+    "--data.init_args.val_fraction", "0.034",  # 49 queries: odd too
+    "--data.init_args.batch_size", "16",
+    "--trainer.max_epochs", "1",
+    "--trainer.limit_train_batches", "2",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.callbacks.knn_ks", "[5, 10]",
+]
+
+
+def test_gather_drops_distributed_sampler_padding():
+    # Two ranks of DistributedSampler(shuffle=False) over 5 samples: rank 0 gets 0,2,4 and rank 1 gets 1,3,0.
+    shards = [torch.tensor([0, 2, 4]), torch.tensor([1, 3, 0])]
+    features = [{"index": s, "embedding": s.float()[:, None] * torch.ones(1, 3), "label": s % 2} for s in shards]
+    # rank 1's tensors, in the order gather_by_index exchanges them: the row count, then each field
+    theirs = iter([torch.tensor([3])] + list(features[1].values()))
+
+    def fake_all_gather(tensor):  # what strategy.all_gather returns on rank 0: (world, ...) stacked
+        other = next(theirs)
+        padded = tensor.clone()
+        padded[: len(other)] = other
+        return torch.stack([tensor, padded])
+
+    out = gather_by_index(features[0], fake_all_gather, world_size=2)
+    assert out["index"].tolist() == [0, 1, 2, 3, 4]
+    assert out["embedding"][:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert out["label"].tolist() == [0, 1, 0, 1, 0]
+
+
+def test_deduplicate_keeps_one_row_per_index_sorted():
+    f = {"index": torch.tensor([3, 1, 3, 0]), "x": torch.tensor([30, 10, 31, 0])}
+    out = deduplicate_by_index(f)
+    assert out["index"].tolist() == [0, 1, 3] and out["x"].tolist() == [0, 10, 30]
+
+
+def test_geometry_metrics_equal_direct_geometry_calls():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 4
+    by, qy = torch.arange(200) % 4, torch.arange(60) % 4
+    bank = {"embedding": centers[by] + torch.randn(200, 16, generator=g), "label": by}
+    query = {"embedding": centers[qy] + torch.randn(60, 16, generator=g), "label": qy}
+    got = geometry_metrics(bank, query, ("knn", "kmeans", "linear"), knn_ks=(10, 20), num_classes=4)
+    knn = knn_accuracy(bank["embedding"], by, query["embedding"], qy, ks=(10, 20))
+    assert got["knn_top1@10"] == knn[10] and got["knn_top1@20"] == knn[20]
+    km = clustering_scores(query["embedding"], qy, n_clusters=4, seed=0, n_init=3)
+    assert got["kmeans_ari"] == km["ari"] and got["kmeans_nmi"] == km["nmi"]
+    assert got["linear_probe_acc"] == linear_probe_accuracy(bank["embedding"], by, query["embedding"], qy, seed=0)
+
+
+def _fit(tmp_path, name, extra=()):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/quickstart.yaml"),
+               *TINY, "--runs_dir", str(tmp_path), "--run_name", name, *extra]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((tmp_path / name / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_process_ddp_gives_the_one_process_geometry(tmp_path):
+    """gloo DDP on CPU over odd-sized bank and query sets: every geometry number equals one process's."""
+    frozen = ["--model.init_args.freeze", "all"]  # a frozen backbone: embeddings identical after training too
+    single = _fit(tmp_path, "one", frozen)
+    double = _fit(tmp_path, "two", [*frozen, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                                    "--trainer.accelerator", "cpu"])
+    assert double["world_size"] == 2 and single["world_size"] == 1
+    rows1, rows2 = single["geometry"]["history"], double["geometry"]["history"]
+    assert [r["epoch"] for r in rows1] == [r["epoch"] for r in rows2] == [-1, 0]
+    for r1, r2 in zip(rows1, rows2):
+        assert r1["n_bank"] == r2["n_bank"] == 101 and r1["n_query"] == r2["n_query"] == 49
+        for key, value in r1.items():
+            if key not in ("seconds", "step"):
+                assert r2[key] == pytest.approx(value, abs=1e-5), key
+    assert (tmp_path / "two" / "config.yaml").exists()
+    assert (tmp_path / "two" / "checkpoints" / "last.ckpt").exists()
