@@ -251,8 +251,8 @@ class MambaVisionFamily(TransformersFamily):
                 f"({type(error).__name__}: {error}). Install it on a machine with an NVIDIA GPU and the CUDA "
                 "toolkit: pip install mamba-ssm (it has no CPU build)."
             ) from error
-        logger.warning("Backbone '%s': executing remote code from '%s' (trust_remote_code=True)",
-                       spec.name, spec.model_id)
+        origin = weights if weights not in ("pretrained", "random") else spec.model_id
+        logger.warning("Backbone '%s': executing model code from '%s' (trust_remote_code=True)", spec.name, origin)
         return super().build(spec, weights, image_size, overrides, trust_remote_code)
 
     def embed(self, model, spec, images):

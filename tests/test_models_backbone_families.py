@@ -218,3 +218,16 @@ def test_mae_sees_every_patch_in_order():
         output = backbone.model(pixel_values=x, noise=torch.arange(4.0).expand(2, -1))
     assert output.last_hidden_state.shape[1] == 1 + 4  # CLS + all 2x2 patches: nothing masked
     assert backbone.model.config.mask_ratio == 0.0
+
+
+def test_layers_match_the_libraries_own_hidden_states():
+    """Hooks on the blocks see what transformers reports as hidden_states[1:] (the embedding state dropped)."""
+    case = CASES[0]
+    backbone = build(case)
+    x = images(case)
+    with torch.no_grad():
+        hidden = backbone.model(pixel_values=x, output_hidden_states=True).hidden_states
+        features = backbone.layers(x)
+    assert len(hidden) == backbone.num_layers + 1
+    for block, state in zip(features, hidden[1:]):
+        assert torch.equal(block, state[:, 0])
