@@ -96,8 +96,6 @@ class Family:
 class TransformersFamily(Family):
     """Hugging Face transformers vision models (registry classes or AutoModel for raw ids)."""
 
-    trust_remote_code = False
-
     def _model_class(self, spec: BackboneSpec) -> type:
         import transformers
 
@@ -106,14 +104,19 @@ class TransformersFamily(Family):
     def build(self, spec, weights, image_size, overrides, trust_remote_code):
         model_class = self._model_class(spec)
         kwargs = {**spec.fixed, **overrides}
+        remote = {"trust_remote_code": True} if trust_remote_code else {}  # raw ids may opt in to hub code
+        if remote:
+            origin = weights if weights not in ("pretrained", "random") else spec.model_id
+            logger.warning("Backbone '%s': executing model code from '%s' (trust_remote_code=True)",
+                           spec.name, origin)
         if weights == "pretrained":
-            model = self._from_pretrained(model_class, spec, spec.model_id, kwargs, local=False)
+            model = self._from_pretrained(model_class, spec, spec.model_id, kwargs, remote, local=False)
         elif weights == "random":
-            model = self._from_config(model_class, spec, kwargs, image_size)
+            model = self._from_config(model_class, spec, kwargs, image_size, remote)
         elif Path(weights).is_dir():
-            model = self._from_pretrained(model_class, spec, weights, kwargs, local=True)
+            model = self._from_pretrained(model_class, spec, weights, kwargs, remote, local=True)
         else:
-            model = self._from_state_dict_file(model_class, spec, Path(weights), kwargs, image_size)
+            model = self._from_state_dict_file(model_class, spec, Path(weights), kwargs, image_size, remote)
         if spec.hf_class == "AutoModel" and isinstance(getattr(model, "vision_model", None), nn.Module):
             model = model.vision_model  # CLIP / SigLIP-style composites: keep the image tower
         if hasattr(model.config, "mask_ratio"):
@@ -122,11 +125,8 @@ class TransformersFamily(Family):
             _fit_learned_positions(model, image_size)
         return model
 
-    def _remote(self) -> dict:
-        return {"trust_remote_code": True} if self.trust_remote_code else {}
-
-    def _from_pretrained(self, model_class, spec, location, kwargs, local: bool) -> nn.Module:
-        load_kwargs = dict(output_loading_info=True, **self._remote(), **kwargs)
+    def _from_pretrained(self, model_class, spec, location, kwargs, remote: dict, local: bool) -> nn.Module:
+        load_kwargs = dict(output_loading_info=True, **remote, **kwargs)
         if spec.key_mapping:
             load_kwargs["key_mapping"] = spec.key_mapping
         if local:
@@ -140,14 +140,14 @@ class TransformersFamily(Family):
         check_hf_loading_info(info, f"'{location}'", model, spec.checkpoint_has_other_towers)
         return model
 
-    def _from_config(self, model_class, spec, kwargs, image_size) -> nn.Module:
+    def _from_config(self, model_class, spec, kwargs, image_size, remote: dict) -> nn.Module:
         if spec.hf_class != "AutoModel":  # registry class: its config class rebuilds the architecture offline
             size = {"image_size": image_size} if image_size else {}
             return model_class(model_class.config_class(**{**spec.architecture, **kwargs, **size}))
         from transformers import AutoConfig, AutoModel
 
         try:  # raw ids and remote code: the architecture is only described by the hub's config
-            config = AutoConfig.from_pretrained(spec.model_id, **self._remote(), **kwargs)
+            config = AutoConfig.from_pretrained(spec.model_id, **remote, **kwargs)
         except OSError as error:
             raise PretrainedWeightsUnavailable(
                 f"weights='random' for backbone '{spec.name}' still needs the architecture config of "
@@ -156,15 +156,15 @@ class TransformersFamily(Family):
             ) from error
         if image_size and hasattr(config, "image_size"):
             config.image_size = image_size
-        return AutoModel.from_config(config, **self._remote())
+        return AutoModel.from_config(config, **remote)
 
-    def _from_state_dict_file(self, model_class, spec, path: Path, kwargs, image_size) -> nn.Module:
+    def _from_state_dict_file(self, model_class, spec, path: Path, kwargs, image_size, remote: dict) -> nn.Module:
         state = read_state_dict(path)
         # A file saved at another resolution carries position embeddings for the registry's native size.
         sizes = [image_size, None] if image_size and spec.hf_class != "AutoModel" else [image_size]
         first_error = None
         for size in sizes:
-            model = self._from_config(model_class, spec, kwargs, size)
+            model = self._from_config(model_class, spec, kwargs, size, remote)
             try:
                 load_state_dict_strict(model, state, f"'{path}'")
                 return model
@@ -235,8 +235,6 @@ def _fit_learned_positions(model: nn.Module, image_size: int) -> None:
 class MambaVisionFamily(TransformersFamily):
     """NVIDIA's MambaVision through transformers remote code; returns (pooled, [stage maps])."""
 
-    trust_remote_code = True
-
     def build(self, spec, weights, image_size, overrides, trust_remote_code):
         if not trust_remote_code:
             raise ValueError(
@@ -251,8 +249,6 @@ class MambaVisionFamily(TransformersFamily):
                 f"({type(error).__name__}: {error}). Install it on a machine with an NVIDIA GPU and the CUDA "
                 "toolkit: pip install mamba-ssm (it has no CPU build)."
             ) from error
-        origin = weights if weights not in ("pretrained", "random") else spec.model_id
-        logger.warning("Backbone '%s': executing model code from '%s' (trust_remote_code=True)", spec.name, origin)
         return super().build(spec, weights, image_size, overrides, trust_remote_code)
 
     def embed(self, model, spec, images):

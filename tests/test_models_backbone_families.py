@@ -231,3 +231,21 @@ def test_layers_match_the_libraries_own_hidden_states():
     assert len(hidden) == backbone.num_layers + 1
     for block, state in zip(features, hidden[1:]):
         assert torch.equal(block, state[:, 0])
+
+
+def test_deep_copy_reads_its_own_blocks():
+    """Callbacks keep a deep copy of the fit-start backbone; its layers() must hook the copy, not the original."""
+    import copy
+
+    case = CASES[0]
+    backbone = build(case)
+    initial = copy.deepcopy(backbone).eval().requires_grad_(False)
+    x = images(case)
+    with torch.no_grad():
+        before = [f.clone() for f in initial.layers(x)]
+        for parameter in backbone.model.parameters():
+            parameter.add_(0.5)
+        after = initial.layers(x)
+        moved = backbone.layers(x)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert not torch.equal(moved[-1], after[-1])
