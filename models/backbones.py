@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from models.backbone_families import FAMILIES, module_at
+from models.backbone_families import AimV1Family, Family, OpenClipFamily, TimmFamily, module_at
 from models.backbone_registry import (
     REGISTRY,
     BackboneSpec,
@@ -57,9 +57,17 @@ from models.backbone_registry import (
     resolve_preprocessing,
     resolve_spec,
 )
+from models.backbone_transformers import MambaVisionFamily, TransformersFamily
 
 __all__ = ["Backbone", "Preprocessing", "available_backbones", "resolve_preprocessing", "REGISTRY"]
 
+FAMILIES: dict[str, Family] = {
+    "hf": TransformersFamily(),
+    "mambavision": MambaVisionFamily(),
+    "timm": TimmFamily(),
+    "open_clip": OpenClipFamily(),
+    "aim_v1": AimV1Family(),
+}
 FREEZE_FORMS = "'none', 'all' or 'partial:K' (freeze the stem and the first K blocks)"
 _STEM_PARAMETER = re.compile(r"token|embed")  # cls/register tokens, position embeddings on the model itself
 

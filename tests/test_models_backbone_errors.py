@@ -52,9 +52,9 @@ def test_malformed_freeze_spec_shows_the_accepted_forms(spec):
 
 
 def test_freeze_spec_is_checked_before_any_weights_are_fetched(monkeypatch):
-    from models import backbone_families
+    from models.backbone_transformers import TransformersFamily
 
-    monkeypatch.setattr(backbone_families.TransformersFamily, "build", lambda *a, **k: pytest.fail("built"))
+    monkeypatch.setattr(TransformersFamily, "build", lambda *a, **k: pytest.fail("built"))
     with pytest.raises(ValueError, match="accepted forms|partial:K"):
         Backbone("dinov2-giant", freeze="everything")
 

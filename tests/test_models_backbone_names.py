@@ -12,9 +12,9 @@ from models.backbones import Backbone, Preprocessing, available_backbones, resol
 def test_resolve_preprocessing_builds_and_downloads_nothing(monkeypatch):
     import timm
 
-    from models import backbone_families
+    from models.backbones import FAMILIES
 
-    for family in backbone_families.FAMILIES.values():
+    for family in FAMILIES.values():
         monkeypatch.setattr(family, "build", lambda *a, **k: pytest.fail("resolve_preprocessing built a model"))
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("timm.create_model called"))
     for name in available_backbones():
