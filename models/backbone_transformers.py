@@ -16,6 +16,7 @@ from models.backbone_families import Family, first_output
 from models.backbone_registry import BackboneSpec
 from models.pretrained_files import (
     PretrainedWeightsUnavailable,
+    WeightsLoadError,
     check_hf_loading_info,
     load_state_dict_strict,
     pretrained_unavailable,
@@ -63,12 +64,21 @@ class TransformersFamily(Family):
             load_kwargs["key_mapping"] = spec.key_mapping
         if local:
             load_kwargs["local_files_only"] = True
+        from transformers.utils import logging as transformers_logging
+
+        verbosity = transformers_logging.get_verbosity()
+        if spec.checkpoint_has_other_towers:  # the other towers' keys are expected; checked below, not logged
+            transformers_logging.set_verbosity_error()
         try:
             model, info = model_class.from_pretrained(str(location), **load_kwargs)
         except OSError as error:
             if local:
                 raise
             raise pretrained_unavailable(spec.name, spec.model_id, error) from error
+        except RuntimeError as error:  # transformers raises on shape mismatches and failed key conversions
+            raise WeightsLoadError(f"Weights from '{location}' do not fit the model: {error}") from error
+        finally:
+            transformers_logging.set_verbosity(verbosity)
         check_hf_loading_info(info, f"'{location}'", model, spec.checkpoint_has_other_towers)
         return model
 
