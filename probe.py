@@ -184,16 +184,17 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 
     rows, cka_section = evaluate(features, metrics, block_metrics, cfg.knn_ks, cfg.knn_temperature,
                                  cfg.kmeans_n_init, cfg.seed, cfg.query_split, cfg.cka_debiased)
-    comparisons = []
+    comparisons, tables = [], []
     if pairs:
         from probing.synthetic_real import synthetic_vs_real
 
         for real, synthetic in pairs:
-            pair_rows, report = synthetic_vs_real(features, modules, real, synthetic, cfg.query_split)
+            pair_rows, report, table = synthetic_vs_real(features, modules, real, synthetic)
             rows += pair_rows
             comparisons.append(report)
-    plot_paths = draw_plots(run_dir / "plots", rows, cka_section, features, modules, cfg) if cfg.plots else []
-    return finish(run_dir, rows, config, versions(), cka_section, comparisons, collector, cache, runner,
+            tables.append(table)
+    plot_paths = draw_plots(run_dir / "plots", rows, cka_section, features, modules, pairs, cfg) if cfg.plots else []
+    return finish(run_dir, rows, config, versions(), cka_section, comparisons, tables, collector, cache, runner,
                   plot_paths, [b.id for b in backbones], extraction_seconds, started)
 
 
@@ -209,7 +210,7 @@ def check_pairs(pairs: list[dict[str, str]] | None, labels: list[str]) -> list[t
     return checked
 
 
-def draw_plots(out_dir: Path, rows, cka_section, features, modules, cfg) -> list[Path]:
+def draw_plots(out_dir: Path, rows, cka_section, features, modules, pairs, cfg) -> list[Path]:
     from probing import plots
 
     paths = []
@@ -219,14 +220,18 @@ def draw_plots(out_dir: Path, rows, cka_section, features, modules, cfg) -> list
             for dataset, splits in per_dataset.items():
                 paths.append(plots.embedding_map(out_dir, backbone, dataset, splits, modules[dataset],
                                                  cfg.query_split, method, cfg.seed))
+            for real, synthetic in pairs:
+                paths.append(plots.synthetic_real_map(
+                    out_dir, backbone, real, synthetic, per_dataset[real], per_dataset[synthetic],
+                    list(modules[real].class_names), list(modules[synthetic].class_names), method, cfg.seed))
     paths += plots.cka_heatmaps(out_dir, cka_section)
     paths += plots.layer_curves(out_dir, rows)
     paths += plots.metric_bars(out_dir, rows)
     return paths
 
 
-def finish(run_dir: Path, rows, config, versions, cka_section, comparisons, collector, cache, runner, plot_paths,
-           backbone_ids, extraction_seconds, started) -> dict[str, Any]:
+def finish(run_dir: Path, rows, config, versions, cka_section, comparisons, tables, collector, cache, runner,
+           plot_paths, backbone_ids, extraction_seconds, started) -> dict[str, Any]:
     """Write results.csv / results.json and print the tables and where everything is."""
     from rich.console import Console
 
@@ -244,8 +249,8 @@ def finish(run_dir: Path, rows, config, versions, cka_section, comparisons, coll
     console.print(final_table(rows, backbone_ids))
     if any(r["layer"] != "final" for r in rows):
         console.print(best_layer_table(rows))
-    for report in comparisons:
-        console.print(report["summary"])
+    for table in tables:
+        console.print(table)
     stats = dict(cache.stats)
     console.print(f"features      : {runner.calls} extractions, cache {stats} in {cache.root}")
     console.print(f"results       : {csv_path.resolve()}\n                {json_path.resolve()}")

@@ -77,6 +77,32 @@ class FeatureCache:
     def sidecar(path: Path) -> Path:
         return path.with_suffix(".json")
 
+    def keys(self) -> list[dict[str, Any]]:
+        """The key of every entry under ``root``, from the sidecars (load() validates an entry before use)."""
+        found = []
+        for sidecar in sorted(self.root.rglob("*.json")):
+            try:
+                found.append(json.loads(sidecar.read_text())["key"])
+            except (OSError, ValueError, KeyError):
+                continue
+        return found
+
+    def find(self, **wanted: str) -> dict[str, torch.Tensor]:
+        """The one valid entry whose key matches ``wanted`` (``backbone``: its id, ``dataset``: its label,
+        ``split``, ``layer``); for inspecting a cache and for tests."""
+        def matches(key):
+            flat = {"backbone": key["backbone"]["id"], "dataset": key["dataset"]["label"], "split": key["split"],
+                    "layer": key["layer"]}
+            return all(flat[name] == value for name, value in wanted.items())
+
+        hits = [key for key in self.keys() if matches(key)]
+        if len(hits) != 1:
+            raise KeyError(f"{len(hits)} cache entries match {wanted} in {self.root}")
+        features = self.load(hits[0])
+        if features is None:
+            raise KeyError(f"the cache entry matching {wanted} is unusable")
+        return features
+
     # -- reading ------------------------------------------------------------------------------------
     def load(self, key: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         """The cached features of ``key``, or None when absent, disabled, rebuilding or invalid."""

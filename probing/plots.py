@@ -148,3 +148,41 @@ def metric_bars(out_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
         figure.tight_layout()
         paths.append(_save(figure, out_dir / f"bar_{slug(metric)}.png"))
     return paths
+
+
+def synthetic_real_map(out_dir: Path, backbone: str, real: str, synthetic: str, real_splits: dict,
+                       synthetic_splits: dict, real_names: list[str], synthetic_names: list[str], method: str,
+                       seed: int) -> Path:
+    """Real (dots) and synthetic (crosses) samples in one 2-D projection, coloured by class name."""
+    parts = {"real": [s[FINAL_LAYER] for s in real_splits.values()],
+             "synthetic": [s[FINAL_LAYER] for s in synthetic_splits.values()]}
+    names = {"real": real_names, "synthetic": synthetic_names}
+    x, class_names, domain = [], [], []
+    for side, features in parts.items():
+        for part in features:
+            x.append(torch.nn.functional.normalize(part["embedding"].float(), dim=1))
+            class_names += [names[side][c] for c in part["label"].tolist()]
+            domain += [side] * len(part["label"])
+    x = torch.cat(x)
+    keep = torch.arange(len(x))
+    if len(x) > MAX_MAP_POINTS:
+        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:MAX_MAP_POINTS].sort().values
+    points = project_2d(x[keep], method=method, seed=seed)
+    palette = list(dict.fromkeys(class_names))
+    colour = plt.get_cmap("tab20")
+    figure, axis = plt.subplots(figsize=(7.5, 6))
+    for side, marker in (("real", "o"), ("synthetic", "x")):
+        rows = [i for i, k in enumerate(keep.tolist()) if domain[k] == side]
+        if rows:
+            colours = [colour(palette.index(class_names[keep[i]]) % 20) for i in rows]
+            axis.scatter(points[rows, 0], points[rows, 1], c=colours, marker=marker, s=10 if side == "real" else 22,
+                         alpha=0.7, label=f"{side} ({real if side == 'real' else synthetic})")
+    if len(palette) <= 20:
+        for i, name in enumerate(palette):
+            axis.scatter([], [], color=colour(i % 20), label=name, s=12)
+    axis.legend(fontsize=6, loc="best", ncol=2)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.set_title(f"{backbone}: {synthetic} (x) vs {real} (o), {method.upper()}")
+    figure.tight_layout()
+    return _save(figure, out_dir / f"synthetic_vs_real_{slug(backbone)}_{slug(synthetic)}_{slug(real)}.png")

@@ -1,0 +1,49 @@
+"""``--devices 2 --strategy ddp`` on CPU (gloo) extracts exactly the one-process features and numbers.
+
+The split sizes are odd, so DistributedSampler pads a duplicate sample into one rank's shard; the
+index-based gather must drop it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import probe
+from probing.cache import FeatureCache
+from probing.report import read_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--backbones", "[{name: convnext-tiny, weights: random, image_size: 32, overrides: "
+                       "{dims: [8, 16, 32, 64], depths: [1, 1, 1, 1]}}]",
+        "--datasets", "[{name: digits, init_args: {limit_data: 101}}]", "--max_query_size", "51",
+        "--metrics", "[knn, kmeans]", "--knn_ks", "[5]", "--layers", "[1]", "--batch_size", "16",
+        "--num_workers", "0", "--no_plots", "--no_progress", "--accelerator", "cpu"]
+
+
+def entries(cache_dir: Path) -> dict:
+    cache = FeatureCache(cache_dir)
+    return {(key["split"], key["layer"]): cache.load(key) for key in cache.keys()}
+
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(ROOT / "probe.py"), *ARGS, "--name", "ddp", "--runs_dir", str(tmp_path / "runs"),
+               "--cache_dir", str(tmp_path / "ddp-cache"), "--devices", "2", "--strategy", "ddp"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    single = probe.main([*ARGS, "--name", "one", "--runs_dir", str(tmp_path / "runs"),
+                         "--cache_dir", str(tmp_path / "one-cache"), "--devices", "1"])
+    ddp_features, one_features = entries(tmp_path / "ddp-cache"), entries(tmp_path / "one-cache")
+    assert set(ddp_features) == set(one_features) == {(s, layer) for s in ("train", "test")
+                                                      for layer in ("final", "block01")}
+    for key, features in one_features.items():
+        assert len(features["index"]) == (101 if key[0] == "train" else 51)
+        assert torch.equal(ddp_features[key]["index"], features["index"]), key
+        torch.testing.assert_close(ddp_features[key]["embedding"], features["embedding"], rtol=1e-5, atol=1e-6)
+    ddp_rows = read_csv(tmp_path / "runs" / "probe-ddp" / "results.csv")
+    assert ddp_rows == read_csv(single["results_csv"])
