@@ -197,7 +197,7 @@ class Backbone(nn.Module):
         """A cheap, stable id of the loaded weights: name, weights argument, config and sampled tensors."""
         digest = hashlib.sha1()
         identity = [self.name, self.weights, self.image_size, sorted(self._overrides.items())]
-        digest.update(json.dumps(identity, default=str).encode())
+        digest.update(json.dumps(identity, default=str, sort_keys=True).encode())
         tensors = list(self.model.state_dict().items())
         step = max(1, len(tensors) // 8)
         for key, tensor in [*tensors[::step], tensors[-1]]:

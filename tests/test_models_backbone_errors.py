@@ -152,3 +152,9 @@ def test_random_weights_of_an_uncached_transformers_id_need_its_config():
 def test_timm_model_without_pretrained_weights_is_not_silently_random():
     with pytest.raises(ValueError, match="'darknet17' has no pretrained weights"):
         Backbone("timm:darknet17")
+
+
+def test_save_pretrained_directory_of_another_size_is_refused(tmp_path):
+    tiny_dinov2().model.save_pretrained(tmp_path)
+    with pytest.raises(WeightsLoadError, match="do not fit the model"):
+        Backbone("dinov2-small", weights=str(tmp_path), image_size=28, hidden_size=64)
