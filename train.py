@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from callbacks.io import atomic_write_text
 from callbacks.results import ResultsWriter
+from callbacks.resume import ResumeState
 from datamodules.base import BaseDataModule
 from models.backbones import resolve_preprocessing
 from models.base import BackboneModule
@@ -81,6 +82,7 @@ class FMProbeCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "epoch{epoch:03d}",
                              "checkpoint.auto_insert_metric_name": False})
         parser.add_lightning_class_args(ResultsWriter, "results")
+        parser.add_lightning_class_args(ResumeState, "resume")
         parser.link_arguments(("model.init_args.backbone", "model.init_args.image_size"),
                               "data.init_args.preprocessing", compute_fn=preprocessing_for, apply_on="parse")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")

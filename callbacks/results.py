@@ -61,6 +61,9 @@ class ResultsWriter(L.Callback):
         return Path(trainer.default_root_dir) / self.filename
 
     # -- collecting ---------------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write(trainer)  # the initial geometry is known now: make it visible before the first epoch
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return

@@ -187,6 +187,19 @@ class EpochSampler(Sampler):
         return self.n
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that tells Lightning it resumes mid-epoch correctly.
+
+    The position itself is not stored here: ``EpochSampler`` reads it from the trainer's restored loop state.
+    """
+
+    def state_dict(self) -> dict:
+        return {"sampler": type(self.sampler).__name__}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to restore: the sampler derives epoch and offset from the trainer."""
+
+
 class Subset(Sequence):
     """A source restricted to some positions (cheap: indexes, no copy)."""
 
@@ -322,7 +335,8 @@ class BaseDataModule(L.LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------------------
     def make_loader(self, dataset: Dataset, shuffle: bool = False, sampler=None, drop_last: bool = False):
-        return DataLoader(
+        loader_class = ResumableDataLoader if isinstance(sampler, EpochSampler) else DataLoader
+        return loader_class(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle if sampler is None else False,
@@ -332,6 +346,9 @@ class BaseDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             drop_last=drop_last,
             collate_fn=self.collate_fn,
+            # Its own generator: creating an iterator then draws nothing from the global RNG, which keeps
+            # runs that resume from a checkpoint on the same random stream as uninterrupted ones.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self):
