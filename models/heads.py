@@ -33,17 +33,46 @@ class ProjectionHead(nn.Module):
 
 
 class MultiHead(nn.Module):
-    """One linear head per task (task-incremental learning); ``forward(x, task)`` picks each row's head."""
+    """One head per task (task-incremental learning), each over its own task's classes.
 
-    def __init__(self, in_dim: int, classes_per_task: list[int]):
+    ``forward(x, task)`` runs every row through the head of its task and returns ``(B, num_classes)`` logits in
+    the dataset's class space: the row's task classes hold its head's outputs, every other class ``-inf``.
+    Cross-entropy on the global labels therefore trains each head on its own classes only, and an argmax never
+    leaves the task. ``head(x, task)[:, task_classes[t]]`` are the raw outputs of head ``t``.
+
+    Args:
+        in_dim: Embedding width.
+        task_classes: The class ids of each task (disjoint lists).
+        num_classes: Width of the output; None uses the largest class id + 1.
+        kind: ``linear`` or ``mlp`` (see ``build_head``).
+        hidden_dim: Hidden width of ``mlp`` heads.
+        dropout: Dropout before each head's last layer.
+    """
+
+    def __init__(self, in_dim: int, task_classes: list[list[int]], num_classes: int | None = None,
+                 kind: str = "linear", hidden_dim: int = 512, dropout: float = 0.0):
         super().__init__()
-        self.heads = nn.ModuleList(nn.Linear(in_dim, n) for n in classes_per_task)
+        self.task_classes = [list(map(int, classes)) for classes in task_classes]
+        self.num_classes = num_classes or 1 + max(c for classes in self.task_classes for c in classes)
+        self.heads = nn.ModuleList(build_head(kind, in_dim, len(c), hidden_dim, dropout) for c in self.task_classes)
+        for t, classes in enumerate(self.task_classes):
+            placement = torch.zeros(len(classes), self.num_classes)
+            placement[torch.arange(len(classes)), torch.tensor(classes, dtype=torch.long)] = 1.0
+            outside = torch.full((self.num_classes,), float("-inf"))
+            outside[classes] = 0.0
+            self.register_buffer(f"placement_{t}", placement, persistent=False)
+            self.register_buffer(f"outside_{t}", outside, persistent=False)
 
-    def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        width = max(h.out_features for h in self.heads)
-        out = x.new_full((x.shape[0], width), float("-inf"))
+    def task_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        """Every row through head ``task``, placed in the global class space (no in-place writes: vmap-safe)."""
+        placement, outside = getattr(self, f"placement_{task}"), getattr(self, f"outside_{task}")
+        return self.heads[task](x) @ placement.to(x.dtype) + outside.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, task: torch.Tensor | int) -> torch.Tensor:
+        if isinstance(task, int):
+            return self.task_logits(x, task)
+        out = x.new_full((x.shape[0], self.num_classes), float("-inf"))
         for t in task.unique().tolist():
-            rows = task == t
-            logits = self.heads[t](x[rows])
-            out[rows, : logits.shape[1]] = logits
+            rows = (task == t)[:, None]
+            out = torch.where(rows, self.task_logits(x, t), out)
         return out

@@ -1,0 +1,304 @@
+"""``ContinualEval``: the accuracy matrix R of a continual-learning fit, its summary metrics, and drift.
+
+After each experience i (at the end of its last epoch; after a resume, before the next experience's first
+batch, which sees the same weights) it measures:
+
+* ``R[i][j]``: accuracy on the test set of every experience j. The class-incremental head may predict the classes
+  of experiences ``0..max(i, j)`` (what it has been trained on, plus, for the future experiences of the upper
+  triangle, their own classes, whose head rows are still untrained); task-incremental uses the task's head,
+  domain-incremental all classes.
+* ``random_init_acc[j]``: the same accuracies of the model at fit start (measured once, before training), so
+  ``geometry.continual.cl_metrics`` reports forward transfer too.
+* drift of the representation: kNN / k-means NMI on every class (domain) seen so far, for the current backbone
+  and for its frozen copy from fit start on the same images (``callbacks.geometry.geometry_metrics``), and
+  linear CKA per block between the two (``geometry.cka.linear_cka``) on a fixed seeded sample of test images.
+
+Under DDP every rank scores a disjoint, unpadded shard and the counts are summed, so R equals the one-process R;
+features for geometry and CKA are gathered by sample index (``callbacks.extract``). Numbers go to every logger
+(``continual/R_<i>_<j>``, ``continual/acc_exp<j>``, ``continual/acc``, ``continual/forgetting``, ...), to
+``results.json`` (section ``continual``) and to two heatmaps in ``<run dir>/plots/``: R and CKA (experience x
+block). The callback reads the module's ``backbone``, ``embed`` and ``logits(images, task, upto)``, and the
+datamodule's stream (``datamodules.continual.ContinualDataModule``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import matplotlib.pyplot as plt
+import torch
+
+from callbacks.cka import block_features, cka_heatmap
+from callbacks.extract import extract, gather_by_index, seeded_subset, shard_loader
+from callbacks.geometry import geometry_metrics
+from callbacks.plots import log_figure
+from datamodules.continual import rank_shard
+from geometry.continual import cl_metrics
+
+
+def accuracy_matrix_figure(matrix: list[list[float | None]], title: str = "accuracy R[i][j]"):
+    """Annotated heatmap of R (rows: after training experience i; columns: tested on experience j)."""
+    values = torch.tensor([[math.nan if v is None else v for v in row] for row in matrix], dtype=torch.float64)
+    size = len(matrix)
+    figure, axis = plt.subplots(figsize=(1.6 + 0.6 * size, 1.2 + 0.55 * size))
+    image = axis.imshow(values.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
+    for i in range(size):
+        for j in range(size):
+            if not math.isnan(values[i, j]):
+                axis.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                          color="white" if values[i, j] < 0.6 else "black")
+    axis.set_xticks(range(size))
+    axis.set_yticks(range(size))
+    axis.set_xlabel("tested on experience j")
+    axis.set_ylabel("after training experience i")
+    axis.set_title(title)
+    figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    return figure
+
+
+class ContinualEval(L.Callback):
+    """Accuracy matrix, CL metrics and representation drift after every experience.
+
+    Args:
+        random_init_acc: Measure every experience's accuracy at fit start (enables forward transfer).
+        geometry: Geometry metrics on the seen classes (any of ``knn``, ``kmeans``, ``linear``); empty: none.
+        geometry_initial: Also measure them for the fit-start backbone on the same images (the drift's baseline).
+        knn_ks: k values of the weighted kNN (those above the bank size are skipped).
+        knn_temperature: Temperature of the kNN vote weights.
+        kmeans_n_init: k-means restarts.
+        max_bank_size: At most this many seen training images as the kNN bank (seeded subset); None: all.
+        max_query_size: At most this many seen test images as queries; None: all.
+        cka: Layer-wise linear CKA between the current and the fit-start backbone.
+        cka_samples: Test images (seeded subset over all experiences) used for CKA.
+        cka_debiased: Use the debiased HSIC estimator.
+        plots: Draw the R and CKA heatmaps after every experience.
+        seed: Seed of the subsets, k-means and the linear probe.
+    """
+
+    def __init__(
+        self,
+        random_init_acc: bool = True,
+        geometry: list[str] = ("knn", "kmeans"),
+        geometry_initial: bool = True,
+        knn_ks: list[int] = (10, 20),
+        knn_temperature: float = 0.07,
+        kmeans_n_init: int = 3,
+        max_bank_size: int | None = 5000,
+        max_query_size: int | None = 2000,
+        cka: bool = True,
+        cka_samples: int = 256,
+        cka_debiased: bool = False,
+        plots: bool = True,
+        seed: int = 0,
+    ):
+        self.measure_random_init = random_init_acc
+        self.geometry, self.geometry_initial = tuple(geometry), geometry_initial
+        self.knn_ks, self.knn_temperature, self.kmeans_n_init = tuple(knn_ks), knn_temperature, kmeans_n_init
+        self.max_bank_size, self.max_query_size = max_bank_size, max_query_size
+        self.cka, self.cka_samples, self.cka_debiased = cka, cka_samples, cka_debiased
+        self.plots, self.seed = plots, seed
+        self.rows: dict[int, dict] = {}  # experience -> {"acc": [...], "geometry": ..., "cka": ..., ...}
+        self.random_init_acc: list[float] | None = None
+        self.initial_geometry: dict[int, dict] = {}  # the fit-start backbone's geometry on seen data <= i
+        self.initial: torch.nn.Module | None = None
+        self.stream: dict = {}
+        self._training_experience: int | None = None
+
+    # -- when ---------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before a checkpoint is restored: these are the weights the stream starts from (a resume then
+        # overwrites the copy with the one saved in the checkpoint, see load_state_dict).
+        if stage == "fit" and self.initial is None and (self.cka or self.geometry_initial):
+            self.initial = copy.deepcopy(pl_module.backbone).eval().requires_grad_(False)
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "experience_dataset"):
+            raise TypeError("ContinualEval needs a datamodules.continual.ContinualDataModule")
+        self.stream = {"scenario": datamodule.scenario, "n_experiences": datamodule.n_experiences,
+                       "epochs_per_experience": datamodule.epochs_per_experience,
+                       "class_order": datamodule.class_order, "experience_classes": datamodule.experience_classes}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.measure_random_init and self.random_init_acc is None:
+            datamodule = trainer.datamodule
+            self.random_init_acc = [self._accuracy(trainer, pl_module, j, upto=j)
+                                    for j in range(datamodule.n_experiences)]
+            self._log(trainer, {f"continual/random_init_acc_exp{j}": a for j, a in enumerate(self.random_init_acc)})
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close_finished(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._close_finished(trainer, pl_module)  # no-op unless a resume skipped on_train_epoch_start
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if datamodule.is_last_epoch_of_experience(trainer.current_epoch):
+            self.close(trainer, pl_module, datamodule.experience_for_epoch(trainer.current_epoch))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A fit cut short (fast_dev_run, max_steps, max_time): still report the experience it was on.
+        if self._training_experience is not None and self._training_experience not in self.rows:
+            self.close(trainer, pl_module, self._training_experience)
+
+    def _close_finished(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        experience = trainer.datamodule.experience_for_epoch(trainer.current_epoch)
+        if experience == self._training_experience:
+            return
+        for finished in range(experience):
+            if finished not in self.rows:
+                self.close(trainer, pl_module, finished)
+        self._training_experience = experience
+
+    # -- what ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _accuracy(self, trainer: L.Trainer, pl_module: L.LightningModule, experience: int, upto: int) -> float:
+        datamodule = trainer.datamodule
+        dataset = rank_shard(datamodule.experience_dataset(experience, "test"), trainer.world_size,
+                             trainer.global_rank)
+        counts = torch.zeros(2, dtype=torch.float64, device=pl_module.device)  # correct, total
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            for batch in datamodule.make_loader(dataset):
+                if batch is None:
+                    continue
+                images, labels = batch["image"].to(pl_module.device), batch["label"].to(pl_module.device)
+                logits = pl_module.logits(images, batch["task"].to(pl_module.device), upto)
+                counts[0] += (logits.argmax(1) == labels).sum()
+                counts[1] += len(labels)
+        finally:
+            pl_module.train(was_training)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        return float(counts[0] / counts[1]) if counts[1] > 0 else math.nan
+
+    def _features(self, trainer: L.Trainer, pl_module: L.LightningModule, embed, dataset, max_size) -> dict:
+        datamodule = trainer.datamodule
+        dataset = seeded_subset(dataset, max_size, self.seed)
+        loader = shard_loader(dataset, datamodule.make_loader, trainer.world_size, trainer.global_rank)
+        local = extract(embed, loader, pl_module.device)
+        return gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
+
+    def _geometry(self, trainer: L.Trainer, pl_module: L.LightningModule, embed, experience: int) -> dict:
+        datamodule = trainer.datamodule
+        bank = self._features(trainer, pl_module, embed, datamodule.seen_dataset(experience, "train"),
+                              self.max_bank_size)
+        query = self._features(trainer, pl_module, embed, datamodule.seen_dataset(experience, "test"),
+                               self.max_query_size)
+        values = None
+        if trainer.is_global_zero:
+            values = geometry_metrics(bank, query, self.geometry, self.knn_ks, self.knn_temperature,
+                                      self.kmeans_n_init, self.seed,
+                                      num_classes=len(datamodule.active_classes(experience)))
+        return trainer.strategy.broadcast(values, src=0)
+
+    def _block_cka(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
+        from geometry.cka import linear_cka
+
+        datamodule = trainer.datamodule
+        dataset = seeded_subset(datamodule.test_dataset(), self.cka_samples, self.seed)
+        loader = shard_loader(dataset, datamodule.make_loader, trainer.world_size, trainer.global_rank)
+        local = block_features({"now": pl_module.backbone, "initial": self.initial}, loader, pl_module.device)
+        features = gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
+        values = None
+        if trainer.is_global_zero:
+            n_blocks = sum(key.startswith("now") for key in features)
+            values = [linear_cka(features[f"now{i}"], features[f"initial{i}"], debiased=self.cka_debiased)
+                      for i in range(n_blocks)]
+        return trainer.strategy.broadcast(values, src=0)
+
+    def close(self, trainer: L.Trainer, pl_module: L.LightningModule, experience: int) -> dict:
+        """Measure everything for the end of ``experience`` (idempotent per experience)."""
+        if experience in self.rows:
+            return self.rows[experience]
+        datamodule = trainer.datamodule
+        if self.initial is not None:
+            self.initial.to(pl_module.device)
+        accuracies = [self._accuracy(trainer, pl_module, j, upto=max(experience, j))
+                      for j in range(datamodule.n_experiences)]
+        row = {"experience": experience, "epoch": trainer.current_epoch, "step": trainer.global_step,
+               "acc": accuracies, "acc_seen": sum(accuracies[: experience + 1]) / (experience + 1)}
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            if self.geometry:
+                row["geometry"] = self._geometry(trainer, pl_module, pl_module.embed, experience)
+                if self.geometry_initial and self.initial is not None:
+                    if experience not in self.initial_geometry:
+                        self.initial_geometry[experience] = self._geometry(trainer, pl_module, self.initial.embed,
+                                                                           experience)
+                    row["geometry_initial"] = self.initial_geometry[experience]
+            if self.cka and self.initial is not None:
+                row["cka"] = self._block_cka(trainer, pl_module)
+        finally:
+            pl_module.train(was_training)
+        self.rows[experience] = row
+        self._report(trainer, row)
+        return row
+
+    # -- reporting ----------------------------------------------------------------------------------
+    def accuracy_matrix(self) -> list[list[float | None]]:
+        """R as a T x T list; rows of experiences not finished yet are None."""
+        size = self.stream.get("n_experiences", len(self.rows))
+        return [self.rows[i]["acc"] if i in self.rows else [None] * size for i in range(size)]
+
+    def metrics(self) -> dict[str, float]:
+        """``cl_metrics`` of the finished leading part of R (the whole stream once every row is in)."""
+        done = 0
+        while done in self.rows:
+            done += 1
+        if done == 0:
+            return {}
+        matrix = [self.rows[i]["acc"][:done] for i in range(done)]
+        baseline = self.random_init_acc[:done] if self.random_init_acc is not None else None
+        return cl_metrics(matrix, baseline)
+
+    def _log(self, trainer: L.Trainer, values: dict[str, float]) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+
+    def _report(self, trainer: L.Trainer, row: dict) -> None:
+        i = row["experience"]
+        values = {f"continual/R_{i}_{j}": a for j, a in enumerate(row["acc"])}
+        values.update({f"continual/acc_exp{j}": a for j, a in enumerate(row["acc"])})
+        values["continual/acc_seen"] = row["acc_seen"]
+        values["continual/after_experience"] = float(i)
+        values.update({f"continual/{k}": v for k, v in self.metrics().items()})
+        values.update({f"continual/geometry_{k}": v for k, v in row.get("geometry", {}).items()})
+        values.update({f"continual/cka_block{b}": v for b, v in enumerate(row.get("cka", []))})
+        self._log(trainer, values)
+        if self.plots and trainer.is_global_zero:
+            log_figure(trainer, "continual/accuracy_matrix", accuracy_matrix_figure(self.accuracy_matrix()))
+            cka_rows = [self.rows[e] for e in sorted(self.rows) if "cka" in self.rows[e]]
+            if cka_rows:
+                log_figure(trainer, "continual/cka_blocks_by_experience", cka_heatmap(
+                    torch.tensor([r["cka"] for r in cka_rows]), "CKA(block now, block at fit start)", "block",
+                    "after experience", yticks=[str(r["experience"]) for r in cka_rows]))
+
+    def results_section(self) -> dict:
+        return {"continual": {
+            **self.stream,
+            "accuracy_matrix": self.accuracy_matrix(),
+            "random_init_acc": self.random_init_acc,
+            "metrics": self.metrics(),
+            "complete": len(self.rows) == self.stream.get("n_experiences", -1),
+            "experiences": [self.rows[e] for e in sorted(self.rows)],
+            "plots": ["plots/continual_accuracy_matrix.png", "plots/continual_cka_blocks_by_experience.png"]
+            if self.plots else [],
+        }}
+
+    # -- resume -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"rows": self.rows, "random_init_acc": self.random_init_acc, "initial_geometry": self.initial_geometry}
+        if self.initial is not None:
+            state["initial"] = self.initial.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = {int(k): v for k, v in state_dict.get("rows", {}).items()}
+        self.random_init_acc = state_dict.get("random_init_acc")
+        self.initial_geometry = {int(k): v for k, v in state_dict.get("initial_geometry", {}).items()}
+        if self.initial is not None and "initial" in state_dict:
+            self.initial.load_state_dict(state_dict["initial"])
