@@ -149,6 +149,7 @@ class ExtractionRunner:
             self._bar.description = what
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*predict returned None.*")  # features live on the module
+            warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")  # Lightning vs torch, not ours
             self.trainer.predict(module, return_predictions=False)
         self.calls += 1
         return module.features
@@ -228,6 +229,7 @@ class FeatureCollector:
         keys = {layer: self.key(backbone_key, dataset_key, datamodule, dataset, split, layer) for layer in layers}
         start = time.perf_counter()
         cached = {layer: self.cache.load(key) for layer, key in keys.items()}
+        # Ranks > 0 follow rank 0 (their own features are never used: metrics are computed on rank 0).
         complete = rank_zero_decides(all(value is not None for value in cached.values()))
         what = f"{backbone_key['id']} | {dataset_key['label']} | {split}"
         if complete:
@@ -238,6 +240,6 @@ class FeatureCollector:
             for layer, key in keys.items():
                 self.cache.save(key, features[layer])
         self.log.append({"backbone": backbone_key["id"], "dataset": dataset_key["label"], "split": split,
-                         "n": int(len(features[FINAL_LAYER]["index"])), "source": source,
+                         "n": len(dataset), "source": source,
                          "seconds": round(time.perf_counter() - start, 3)})
         return features

@@ -62,7 +62,9 @@ def embedding_map(out_dir: Path, backbone: str, dataset: str, splits: dict, data
         x, labels = x[keep], labels[keep]
         superclass = superclass[keep] if superclass is not None else None
     points = project_2d(x, method=method, seed=seed)
-    colours = {"class": labels}
+    if labels.ndim > 1:  # multi-label data: colour by the first positive label
+        labels = labels.float().argmax(1)
+    colours = {"class": labels.long()}
     names = {"class": list(getattr(datamodule, "class_names", []) or []) or None}
     if superclass is not None:
         colours["super-class"] = superclass
