@@ -13,6 +13,7 @@ import os
 import socket
 from pathlib import Path
 
+from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -87,3 +88,17 @@ class WandbLogger(LightningWandbLogger):
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(project=project, entity=entity, group=group, tags=tags, name=name, save_dir=save_dir,
                          offline=offline, log_model=log_model, **kwargs)
+
+
+class TensorBoardLogger(LightningTensorBoardLogger):
+    """Lightning's TensorBoardLogger whose files go to ``<run dir>/logs`` unless ``save_dir`` says otherwise.
+
+    Args:
+        save_dir: Folder of the event files; None: the run directory (train.py fills it in).
+        name: Sub-folder name.
+        version: Version sub-folder.
+        **kwargs: Passed to Lightning's TensorBoardLogger.
+    """
+
+    def __init__(self, save_dir: str | None = None, name: str = "", version: str | None = "logs", **kwargs):
+        super().__init__(save_dir=save_dir or ".", name=name, version=version, **kwargs)
