@@ -12,28 +12,18 @@ import lightning as L
 import torch
 
 from models.backbones import Backbone
+from models.pretrained_files import read_state_dict
 
 
 class NonFiniteError(FloatingPointError):
     """A loss or embedding became NaN or infinite."""
 
 
-def load_state_dict_file(path: str | Path) -> dict:
-    """A state dict from a Lightning checkpoint, a .pt/.pth/.bin file (``weights_only``) or .safetensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-
-
 def load_backbone_weights(backbone: torch.nn.Module, path: str | Path) -> None:
     """Load the ``backbone.*`` part of a checkpoint (e.g. a pretext run's) strictly into ``backbone``."""
-    state = load_state_dict_file(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = read_state_dict(path)  # weights_only / safetensors: loading runs no code
     prefix = "backbone."
     if any(key.startswith(prefix) for key in state):
         state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
