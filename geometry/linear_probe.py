@@ -1,0 +1,259 @@
+"""Linear probe: multinomial logistic regression on frozen features, fitted by full-batch L-BFGS.
+
+Objective per head (l2 = one regularisation strength), on features standardised with train statistics::
+
+    mean_i CE(W x_i + b, y_i) + (l2 / 2) ||W||^2          (bias not penalised)
+
+scikit-learn's ``LogisticRegression(C=...)`` minimises ``C sum_i CE + ||W||^2 / 2``, the same problem divided by
+``C n``: **l2 = 1 / (C n)**, i.e. ``C = 1 / (l2 n)`` for n training samples. ``tol`` has scikit-learn's
+meaning too: stop when max |gradient| of this mean objective is below it.
+
+A sweep trains every l2 of the grid together as stacked heads: one (D, G x C) weight matrix, so each
+evaluation of all heads' losses and gradients is one matmul over the data. The heads share no parameters,
+so each keeps its own L-BFGS state (curvature pairs, step length, line search) and stops on its own; the
+batch shrinks as heads converge. One L-BFGS over the *summed* loss has the same minimiser, but its shared
+curvature estimate mixes heads of very different conditioning: on 8000 x 128 x 30 classes it needed
+>500 iterations where the slowest head alone needs ~40, so it is not used.
+The grid is scored on a seeded stratified holdout of the *train* features; the test features are touched
+only once, by the final refit on all train features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from geometry.common import as_features, as_labels, column_means, rows_per_chunk
+
+# One value per decade: from nearly unregularised to strongly shrunk (C = 1/(l2 n) spans 8 decades too).
+DEFAULT_L2_GRID = tuple(10.0**e for e in range(-7, 1))
+_ARMIJO = 1e-4  # sufficient-decrease constant of the backtracking line search
+_MAX_BACKTRACKS = 30
+
+
+@dataclass
+class LogisticHeads:
+    """G fitted multinomial logistic-regression heads sharing the same inputs."""
+
+    weight: Tensor  # (G, D, C)
+    bias: Tensor  # (G, C)
+    l2: Tensor  # (G,)
+    classes: Tensor  # (C,) label value of each output column
+    n_iter: Tensor  # (G,) L-BFGS iterations each head ran
+
+    def logits(self, x: Tensor) -> Tensor:
+        """(G, N, C) logits for features x (N, D) prepared like the training features."""
+        x = as_features(x).to(device=self.weight.device, dtype=self.weight.dtype)
+        return torch.einsum("nd,gdc->gnc", x, self.weight) + self.bias.unsqueeze(1)
+
+    def predict(self, x: Tensor) -> Tensor:
+        """(G, N) predicted label values."""
+        return self.classes[self.logits(x).argmax(dim=2)]
+
+
+def _check_l2(l2) -> list[float]:
+    values = [float(v) for v in (l2 if isinstance(l2, Sequence | Tensor) else [l2])]
+    if not values or any(not v >= 0.0 for v in values):
+        raise ValueError(f"l2 must be one or more non-negative numbers, got {values}")
+    return values
+
+
+def _loss_and_grad(x: Tensor, target: Tensor, params: Tensor, l2: Tensor, n_classes: int,
+                   step: int) -> tuple[Tensor, Tensor]:
+    """Losses (A,) float64 and gradients (A, P) of A heads; params rows = [W (D x C) flattened, b (C)].
+
+    The gradient is written by hand (no autograd graph): d(mean CE)/d logits = (softmax - onehot) / n,
+    built in place in the logits buffer of each row chunk.
+    """
+    n, d = x.shape
+    a, c = params.shape[0], n_classes
+    w_flat = params[:, : d * c]
+    w = w_flat.view(a, d, c).permute(1, 0, 2).reshape(d, a * c)
+    b = params[:, d * c :].reshape(1, a * c)
+    # float64 sums: the line search compares losses that differ by ~|grad|^2 near the optimum.
+    loss = 0.5 * l2.double() * w_flat.pow(2).sum(dim=1, dtype=torch.float64)
+    grad_w = torch.zeros(d, a * c, dtype=x.dtype, device=x.device)
+    grad_b = torch.zeros(a * c, dtype=x.dtype, device=x.device)
+    for start in range(0, n, step):
+        xb, tb = x[start : start + step], target[start : start + step]
+        logits = torch.addmm(b, xb, w).view(-1, a, c)
+        log_norm = logits.logsumexp(dim=2, keepdim=True)
+        true_class = tb.view(-1, 1, 1).expand(-1, a, 1)
+        loss += (log_norm - logits.gather(2, true_class)).sum(dim=(0, 2), dtype=torch.float64) / n
+        probs = logits.sub_(log_norm).exp_()
+        probs.scatter_add_(2, true_class, torch.full(true_class.shape, -1.0, dtype=x.dtype, device=x.device))
+        probs = probs.view(-1, a * c).div_(n)
+        grad_w.addmm_(xb.T, probs)
+        grad_b += probs.sum(dim=0)
+    grad_w = grad_w.view(d, a, c).permute(1, 0, 2).reshape(a, d * c).add_(w_flat * l2.unsqueeze(1))
+    return loss, torch.cat([grad_w, grad_b.view(a, c)], dim=1)
+
+
+def _batched_lbfgs(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], params: Tensor, max_iter: int,
+                   tol: float, history_size: int) -> tuple[Tensor, Tensor]:
+    """Independent L-BFGS runs, one per row of ``params`` (G, P), evaluated together.
+
+    ``evaluate(points, heads)`` returns (losses, gradients) of the listed heads at the given rows. Each head
+    has its own curvature pairs, initial Hessian scale and Armijo backtracking line search; a head stops when
+    max |grad| <= tol, when its line search cannot decrease the loss any more (float precision reached), or
+    after ``max_iter`` iterations. Returns (params, iterations per head).
+    """
+    g_heads, p = params.shape
+    params = params.clone()
+    every = torch.arange(g_heads, device=params.device)
+    loss, grad = evaluate(params, every)
+    s_hist = torch.zeros(history_size, g_heads, p, dtype=params.dtype, device=params.device)
+    y_hist = torch.zeros_like(s_hist)
+    rho = torch.zeros(history_size, g_heads, dtype=torch.float64, device=params.device)
+    gamma = torch.zeros(g_heads, dtype=params.dtype, device=params.device)  # 0 = no curvature pair yet
+    iterations = torch.zeros(g_heads, dtype=torch.long, device=params.device)
+    active = every[grad.abs().amax(dim=1) > tol]
+    for it in range(max_iter):
+        if len(active) == 0:
+            break
+        newest_first = [(it - 1 - j) % history_size for j in range(min(it, history_size))]
+        g_a = grad[active]
+        q = -g_a
+        alphas = []
+        for slot in newest_first:  # two-loop recursion, per head (rows) at once
+            alpha = rho[slot, active].to(q.dtype) * (s_hist[slot, active] * q).sum(dim=1)
+            q -= alpha.unsqueeze(1) * y_hist[slot, active]
+            alphas.append(alpha)
+        fresh = gamma[active] == 0
+        direction = q * torch.where(fresh, 1.0, gamma[active]).unsqueeze(1)
+        for slot, alpha in zip(reversed(newest_first), reversed(alphas)):
+            beta = rho[slot, active].to(q.dtype) * (y_hist[slot, active] * direction).sum(dim=1)
+            direction += (alpha - beta).unsqueeze(1) * s_hist[slot, active]
+        slope = (g_a * direction).sum(dim=1, dtype=torch.float64)
+        uphill = slope >= 0  # cannot happen with valid pairs; fall back to steepest descent
+        direction[uphill] = -g_a[uphill]
+        slope = torch.where(uphill, -(g_a.double() ** 2).sum(dim=1), slope)
+        # Without curvature information, the first step is scaled to unit length (as scipy's L-BFGS-B).
+        step = torch.where(fresh | uphill, (1.0 / g_a.norm(dim=1).double()).clamp(max=1.0), 1.0)
+
+        new_params, new_loss, new_grad = params[active].clone(), loss[active].clone(), g_a.clone()
+        pending = torch.arange(len(active), device=params.device)
+        for _ in range(_MAX_BACKTRACKS):
+            trial = params[active[pending]] + step[pending].to(params.dtype).unsqueeze(1) * direction[pending]
+            trial_loss, trial_grad = evaluate(trial, active[pending])
+            accepted = trial_loss <= loss[active[pending]] + _ARMIJO * step[pending] * slope[pending]
+            done = pending[accepted]
+            new_params[done], new_loss[done], new_grad[done] = trial[accepted], trial_loss[accepted], trial_grad[accepted]
+            pending = pending[~accepted]
+            if len(pending) == 0:
+                break
+            step[pending] *= 0.5
+        stalled = torch.zeros(len(active), dtype=torch.bool, device=params.device)
+        stalled[pending] = True
+
+        s_new, y_new = new_params - params[active], new_grad - g_a
+        sy = (s_new * y_new).sum(dim=1, dtype=torch.float64)
+        valid = (sy > 1e-10 * s_new.norm(dim=1).double() * y_new.norm(dim=1).double()) & ~stalled
+        slot = it % history_size
+        s_hist[slot, active], y_hist[slot, active] = s_new, y_new
+        rho[slot, active] = torch.where(valid, 1.0 / sy.clamp(min=1e-300), 0.0)
+        gamma[active] = torch.where(valid, (sy / (y_new.double() ** 2).sum(dim=1)).to(gamma.dtype), gamma[active])
+        params[active], loss[active], grad[active] = new_params, new_loss, new_grad
+        iterations[active] += 1
+        active = active[(new_grad.abs().amax(dim=1) > tol) & ~stalled]
+    return params, iterations
+
+
+def fit_logistic(x, y, l2: float | Sequence[float], max_iter: int = 500, tol: float = 1e-4, history_size: int = 10,
+                 classes: Tensor | None = None, init: tuple[Tensor, Tensor] | None = None,
+                 chunk_size: int | None = None) -> LogisticHeads:
+    """Fit one head per ``l2`` value on features x (N, D) with integer labels y (N,).
+
+    No standardisation happens here (``linear_probe`` does it); use the l2 <-> C mapping in the module doc
+    to compare with scikit-learn (``history_size=10`` and ``tol`` as scikit-learn's lbfgs). ``classes`` fixes
+    the output columns (default: sorted unique labels of y); ``init`` = (weight (G, D, C), bias (G, C))
+    warm-starts the optimiser. Memory: one row chunk of (chunk, G x C) logits plus 2 x history_size x G x
+    (D + 1) x C floats of L-BFGS history.
+    """
+    x = as_features(x)
+    y = as_labels(y, x.shape[0]).to(x.device)
+    l2_values = torch.tensor(_check_l2(l2), dtype=x.dtype, device=x.device)
+    classes = torch.unique(y) if classes is None else classes.to(x.device)
+    target = torch.searchsorted(classes, y).clamp_(max=len(classes) - 1)
+    if not torch.equal(classes[target], y):
+        raise ValueError("y holds labels that are not in classes")
+    n, d = x.shape
+    g, c = len(l2_values), len(classes)
+    params = torch.zeros(g, d * c + c, dtype=x.dtype, device=x.device)
+    if init is not None:
+        params[:, : d * c] = init[0].reshape(g, d * c)
+        params[:, d * c :] = init[1].reshape(g, c)
+    step = rows_per_chunk(g * c, x.device, chunk_size)
+
+    def evaluate(points: Tensor, heads: Tensor) -> tuple[Tensor, Tensor]:
+        return _loss_and_grad(x, target, points, l2_values[heads], c, step)
+
+    params, iterations = _batched_lbfgs(evaluate, params, max_iter, tol, history_size)
+    return LogisticHeads(params[:, : d * c].reshape(g, d, c), params[:, d * c :], l2_values, classes, iterations)
+
+
+def _standardizer(x: Tensor) -> tuple[Tensor, Tensor]:
+    mean = column_means(x).to(x.dtype)
+    std = (x - mean).pow(2).mean(dim=0).sqrt()
+    return mean, torch.where(std > 0, std, torch.ones_like(std))  # constant features stay at 0
+
+
+def stratified_holdout(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(fit indices, holdout indices): floor(fraction x count) random samples of every class are held out.
+
+    Classes with fewer than 1 / fraction samples stay whole in the fit part, so every class is seen in fitting.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    y = y.cpu()
+    order = torch.randperm(len(y), generator=generator)
+    order = order[torch.sort(y[order], stable=True).indices]  # grouped by class, random within a class
+    _, inverse, counts = torch.unique(y[order], return_inverse=True, return_counts=True)
+    class_start = torch.cumsum(counts, 0) - counts
+    rank_in_class = torch.arange(len(y)) - class_start[inverse]
+    held = rank_in_class < torch.floor(counts[inverse] * fraction)
+    return order[~held].sort().values, order[held].sort().values
+
+
+def linear_probe(train_x, train_y, test_x, test_y, l2_grid: Sequence[float] | None = None, seed: int = 0,
+                 holdout_fraction: float = 0.2, max_iter: int = 500, tol: float = 1e-4) -> dict:
+    """Sweep l2 on a holdout of train, refit on all train with the best, score on test.
+
+    Returns ``{"accuracy": float (test, top-1), "l2": float (chosen), "holdout_accuracy": {l2: float}}``.
+    Ties on the holdout go to the larger l2 (the simpler model). Features are standardised with the
+    statistics of the part being fitted (the fit part during the sweep, all train for the refit).
+    Test labels absent from train count as errors.
+    """
+    train_x = as_features(train_x, "train_x")
+    test_x = as_features(test_x, "test_x")
+    train_y = as_labels(train_y, train_x.shape[0], "train_y").to(train_x.device)
+    test_y = as_labels(test_y, test_x.shape[0], "test_y").to(train_x.device)
+    grid = _check_l2(DEFAULT_L2_GRID if l2_grid is None else l2_grid)
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    classes = torch.unique(train_y)
+
+    fit_idx, held_idx = (i.to(train_x.device) for i in stratified_holdout(train_y, holdout_fraction, seed))
+    if len(held_idx) == 0:
+        raise ValueError(f"holdout_fraction={holdout_fraction} holds out no sample of {len(train_y)}")
+    mean, std = _standardizer(train_x[fit_idx])
+    sweep = fit_logistic((train_x[fit_idx] - mean) / std, train_y[fit_idx], grid, max_iter=max_iter, tol=tol,
+                         classes=classes)
+    held_pred = sweep.predict((train_x[held_idx] - mean) / std)
+    held_acc = (held_pred == train_y[held_idx]).double().mean(dim=1).tolist()
+    best = max(range(len(grid)), key=lambda i: (held_acc[i], grid[i]))
+
+    mean, std = _standardizer(train_x)
+    final = fit_logistic((train_x - mean) / std, train_y, grid[best], max_iter=max_iter, tol=tol, classes=classes,
+                         init=(sweep.weight[best : best + 1], sweep.bias[best : best + 1]))
+    test_pred = final.predict((test_x.to(train_x.device, train_x.dtype) - mean) / std)[0]
+    return {"accuracy": float((test_pred == test_y).double().mean()), "l2": grid[best],
+            "holdout_accuracy": dict(zip(grid, held_acc))}
+
+
+def linear_probe_accuracy(train_x, train_y, test_x, test_y, l2_grid: Sequence[float] | None = None, seed: int = 0,
+                          **kwargs) -> float:
+    """Test top-1 accuracy of ``linear_probe`` (same arguments)."""
+    return linear_probe(train_x, train_y, test_x, test_y, l2_grid=l2_grid, seed=seed, **kwargs)["accuracy"]

@@ -1,0 +1,102 @@
+"""Logistic-regression probe against scikit-learn's LogisticRegression (lbfgs, multinomial)."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from geometry.linear_probe import DEFAULT_L2_GRID, fit_logistic, linear_probe, linear_probe_accuracy
+
+
+def mixture(n, n_classes=8, dim=24, seed=0, centers_seed=100):
+    """Overlapping Gaussian classes with uneven feature scales and an offset (standardisation matters)."""
+    centers = np.random.default_rng(centers_seed).normal(size=(n_classes, dim))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, n)
+    scales = np.geomspace(0.1, 10.0, dim)
+    x = (centers[y] + 1.6 * rng.normal(size=(n, dim))) * scales + 5.0
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def split():
+    train_x, train_y = mixture(1500, seed=0)
+    test_x, test_y = mixture(1000, seed=1)
+    return train_x, train_y, test_x, test_y
+
+
+def standardize(train, other):
+    mean, std = train.mean(0), train.std(0)
+    return (train - mean) / std, (other - mean) / std
+
+
+def test_single_fit_matches_sklearn_with_documented_c_mapping(split):
+    train_x, train_y, test_x, _ = split
+    x, xt = standardize(train_x, test_x)
+    l2 = 1e-3
+    heads = fit_logistic(torch.from_numpy(x), torch.from_numpy(train_y), l2, tol=1e-7, max_iter=2000)
+    ref = LogisticRegression(C=1.0 / (l2 * len(x)), tol=1e-10, max_iter=5000).fit(x, train_y)
+    ours = torch.softmax(heads.logits(torch.from_numpy(xt))[0], dim=1).numpy()
+    np.testing.assert_allclose(ours, ref.predict_proba(xt), atol=1e-4)
+    # The penalised part of the solution is unique: the weights agree, not just the predictions.
+    np.testing.assert_allclose(heads.weight[0].numpy(), ref.coef_.T, atol=1e-3)
+
+
+def test_stacked_heads_equal_separate_fits(split):
+    train_x, train_y, _, _ = split
+    x = torch.from_numpy(standardize(train_x, train_x)[0])
+    y = torch.from_numpy(train_y)
+    grid = [1e-4, 1e-2, 1.0]
+    stacked = fit_logistic(x, y, grid, tol=1e-7, max_iter=2000)
+    assert stacked.weight.shape == (3, 24, 8) and stacked.bias.shape == (3, 8)
+    for g, l2 in enumerate(grid):
+        alone = fit_logistic(x, y, l2, tol=1e-7, max_iter=2000)
+        torch.testing.assert_close(stacked.logits(x)[g], alone.logits(x)[0], atol=2e-3, rtol=1e-4)
+
+
+def test_float32_sweep_probe_within_one_percent_of_sklearn(split):
+    train_x, train_y, test_x, test_y = split
+    tensors = [torch.from_numpy(a) for a in split]
+    tensors[0], tensors[2] = tensors[0].float(), tensors[2].float()
+    result = linear_probe(*tensors, seed=0)
+    assert isinstance(result["accuracy"], float)
+    assert result["l2"] in [pytest.approx(v) for v in DEFAULT_L2_GRID]
+    assert len(result["holdout_accuracy"]) == len(DEFAULT_L2_GRID) == 8
+    x, xt = standardize(train_x, test_x)
+    ref = LogisticRegression(C=1.0 / (result["l2"] * len(x)), max_iter=5000).fit(x, train_y)
+    assert abs(result["accuracy"] - ref.score(xt, test_y)) <= 0.01
+    assert 0.5 < result["accuracy"] < 0.98  # a probe with something to choose between
+    assert linear_probe_accuracy(*tensors, seed=0) == result["accuracy"]
+
+
+def test_l2_is_chosen_without_looking_at_the_test_set(split):
+    tensors = [torch.from_numpy(a) for a in split]
+    grid = [1e-6, 1e-3, 1e-1, 10.0]
+    clean = linear_probe(*tensors, l2_grid=grid, seed=3)
+    rng = np.random.default_rng(0)
+    poisoned_x = torch.from_numpy(rng.normal(size=split[2].shape) * 100)
+    poisoned_y = torch.from_numpy(rng.permutation(split[3]))
+    poisoned = linear_probe(tensors[0], tensors[1], poisoned_x, poisoned_y, l2_grid=grid, seed=3)
+    assert poisoned["l2"] == clean["l2"]
+    assert poisoned["holdout_accuracy"] == clean["holdout_accuracy"]
+    assert poisoned["accuracy"] < clean["accuracy"] - 0.3
+
+
+def test_seeded_and_label_values_preserved(split):
+    train_x, train_y, test_x, test_y = split
+    args = (torch.from_numpy(train_x), torch.from_numpy(train_y * 10 + 3), torch.from_numpy(test_x),
+            torch.from_numpy(test_y * 10 + 3))
+    a, b = linear_probe(*args, l2_grid=[1e-3, 1e-1], seed=1), linear_probe(*args, l2_grid=[1e-3, 1e-1], seed=1)
+    assert a == b
+    heads = fit_logistic(args[0][:200], args[1][:200], 0.1)
+    assert set(heads.predict(args[0][:50])[0].tolist()) <= set((train_y * 10 + 3).tolist())
+
+
+def test_argument_errors(split):
+    x, y = torch.from_numpy(split[0]), torch.from_numpy(split[1])
+    with pytest.raises(ValueError, match="l2"):
+        linear_probe(x, y, x, y, l2_grid=[])
+    with pytest.raises(ValueError, match="l2"):
+        fit_logistic(x, y, -1.0)
+    with pytest.raises(ValueError, match="one label per sample"):
+        linear_probe(x, y[:-1], x, y)
