@@ -88,6 +88,8 @@ class BackboneModule(L.LightningModule):
             load_backbone_weights(self.backbone, init_backbone_from)
         self.num_classes = num_classes
         self.skipped_nonfinite_steps = 0
+        # Lightning keeps the mode it is given: start in train mode (frozen parts stay in eval, see Backbone.train).
+        self.train()
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's (B, D) embedding: what the geometry callbacks measure."""
