@@ -98,6 +98,7 @@ class ResultsWriter(L.Callback):
             "config": self.config,
             "versions": versions(),
             "world_size": trainer.world_size,
+            "scale": self.scale(trainer),
             "epochs": self.epochs,
             **self.sections(trainer),
             "test": self.test,
@@ -107,6 +108,19 @@ class ResultsWriter(L.Callback):
             },
             "wall_time_s": round(time.time() - self.started, 2),
         }
+
+    @staticmethod
+    def scale(trainer: L.Trainer) -> dict:
+        """Effective batch size and the learning rate actually used (after any lr_scaling)."""
+        module = trainer.lightning_module
+        batch = getattr(trainer.datamodule, "batch_size", None)
+        out = {"devices": trainer.world_size, "num_nodes": trainer.num_nodes, "per_device_batch_size": batch,
+               "accumulate_grad_batches": trainer.accumulate_grad_batches,
+               "effective_batch_size": batch * trainer.world_size * trainer.accumulate_grad_batches if batch else None,
+               "sync_batchnorm": bool(getattr(trainer.strategy, "_layer_sync", None))}
+        if hasattr(module, "scaled_lr"):
+            out["lr"] = module.scaled_lr()
+        return out
 
     @rank_zero_only
     def write(self, trainer: L.Trainer) -> None:

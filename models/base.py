@@ -55,6 +55,9 @@ class BackboneModule(L.LightningModule):
         warmup_epochs: Linear warm-up length before the cosine decay (``scheduler: cosine``).
         scheduler: ``cosine`` (per step, with warm-up) or ``none``.
         on_nonfinite: ``error`` stops with epoch and batch named when the loss is NaN/Inf; ``skip`` skips the step.
+        lr_scaling: How ``lr`` follows the effective batch size (per-device batch x devices x nodes x gradient
+            accumulation) relative to ``lr_reference_batch_size``: ``none``, ``linear`` or ``sqrt``.
+        lr_reference_batch_size: The batch size at which ``lr`` is meant as given.
     """
 
     def __init__(
@@ -73,10 +76,14 @@ class BackboneModule(L.LightningModule):
         warmup_epochs: float = 0.0,
         scheduler: str = "cosine",
         on_nonfinite: str = "error",
+        lr_scaling: str = "none",
+        lr_reference_batch_size: int = 256,
     ):
         super().__init__()
         if scheduler not in ("cosine", "none"):
             raise ValueError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
+        if lr_scaling not in ("none", "linear", "sqrt"):
+            raise ValueError(f"lr_scaling must be 'none', 'linear' or 'sqrt', got {lr_scaling!r}")
         if on_nonfinite not in ("error", "skip"):
             raise ValueError(f"on_nonfinite must be 'error' or 'skip', got {on_nonfinite!r}")
         self.save_hyperparameters()
@@ -109,14 +116,31 @@ class BackboneModule(L.LightningModule):
         )
 
     # -- optimisation -------------------------------------------------------------------------------
+    def effective_batch_size(self) -> int:
+        """Samples per optimizer step over all processes (0 when no trainer or datamodule is attached)."""
+        trainer = self._trainer
+        batch = getattr(getattr(trainer, "datamodule", None), "batch_size", 0) if trainer is not None else 0
+        if not batch:
+            return 0
+        return int(batch * trainer.world_size * trainer.accumulate_grad_batches)
+
+    def scaled_lr(self) -> float:
+        """``lr`` after ``lr_scaling`` for the effective batch size (written to results.json)."""
+        rule, effective = self.hparams.lr_scaling, self.effective_batch_size()
+        if rule == "none" or not effective:
+            return self.hparams.lr
+        ratio = effective / self.hparams.lr_reference_batch_size
+        return self.hparams.lr * (ratio if rule == "linear" else math.sqrt(ratio))
+
     def parameter_groups(self) -> list[dict]:
         """Backbone and the rest, each trainable part once; the backbone at ``backbone_lr_scale``."""
         backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         other = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
-        groups = [{"params": other, "lr": self.hparams.lr}]
+        lr = self.scaled_lr()
+        groups = [{"params": other, "lr": lr}]
         if backbone_params:
-            groups.append({"params": backbone_params, "lr": self.hparams.lr * self.hparams.backbone_lr_scale})
+            groups.append({"params": backbone_params, "lr": lr * self.hparams.backbone_lr_scale})
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self):
