@@ -1,0 +1,79 @@
+"""bench/RESULTS.md: one machine-written section per device; everything outside the sections is kept.
+
+A full run on the CPU rewrites only the CPU section (a GPU table already there stays, and vice versa), and
+with ``--only`` only the rows of the benchmarks that ran: the other rows keep their previous numbers.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from bench.common import Result, machine_description, markdown_table
+
+HEADINGS = {"cpu": "CPU", "cuda": "GPU"}
+TEMPLATE = """# fmprobe benchmarks
+
+`python bench/run_all.py [--device cpu|cuda] [--only knn,...]` (or `make bench`) rewrites the section of its
+device below; `--quick` (part of `make test`, via tests/test_bench_quick.py) runs CI sizes and asserts agreement.
+Ratios: "x faster" = reference time / fmprobe time. Peak RSS = the call's resident-memory high-water mark above
+what the process held when the call started.
+
+<!-- results:cpu:start -->
+## CPU
+
+Not measured yet.
+<!-- results:cpu:end -->
+
+<!-- results:cuda:start -->
+## GPU
+
+GPU: not measured yet.
+<!-- results:cuda:end -->
+"""
+
+
+def _markers(device: str) -> tuple[str, str]:
+    return f"<!-- results:{device}:start -->", f"<!-- results:{device}:end -->"
+
+
+def _old_rows(section: str) -> dict[str, list[str]]:
+    """Table rows of a previous section, by benchmark id (the first column)."""
+    rows: dict[str, list[str]] = {}
+    for line in section.splitlines():
+        match = re.match(r"\|\s*([a-z]+)\s*\|", line)
+        if match and match.group(1) != "id":
+            rows.setdefault(match.group(1), []).append(line)
+    return rows
+
+
+def render_section(device: str, results: list[Result], benchmarks_run: list[str], old_section: str,
+                   order: list[str]) -> str:
+    start, end = _markers(device)
+    table = markdown_table(results).splitlines()
+    new_rows = _old_rows("\n".join(table))
+    old_rows = _old_rows(old_section)
+    merged = [line for name in order for line in (new_rows.get(name, []) if name in benchmarks_run
+                                                   else old_rows.get(name, []))]
+    kept = [name for name in order if name not in benchmarks_run and name in old_rows]
+    lines = [start, f"## {HEADINGS[device]}", "",
+             f"Machine: {machine_description(device)}. Run {time.strftime('%Y-%m-%d %H:%M')}"
+             f" ({', '.join(benchmarks_run)}).", ""]
+    if kept:
+        lines += [f"Rows of {', '.join(kept)} are from an earlier run.", ""]
+    lines += table[:2] + merged + [end]
+    return "\n".join(lines)
+
+
+def update_results(path: Path, device: str, results: list[Result], benchmarks_run: list[str],
+                   order: list[str]) -> None:
+    """Rewrite ``device``'s section of ``path``; ``order`` = every benchmark id, in table order."""
+    text = path.read_text() if path.exists() else TEMPLATE
+    start, end = _markers(device)
+    if start not in text or end not in text:
+        text = text.rstrip("\n") + "\n\n" + "\n".join([start, end]) + "\n"
+    head, rest = text.split(start, 1)
+    old_section, tail = rest.split(end, 1)
+    section = render_section(device, results, benchmarks_run, old_section, order)
+    path.write_text(head + section + tail)
