@@ -1,13 +1,10 @@
 """GeometryEval: exact numbers, DDP de-duplication by sample index, results.json."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny import run_train
 
 from callbacks.extract import deduplicate_by_index, gather_by_index
 from callbacks.geometry import geometry_metrics
@@ -15,20 +12,13 @@ from geometry.kmeans import clustering_scores
 from geometry.knn import knn_accuracy
 from geometry.linear_probe import linear_probe_accuracy
 
-ROOT = Path(__file__).resolve().parents[1]
-
-TINY = [
-    "--model.init_args.backbone", "convnext-tiny",
-    "--model.init_args.weights", "random",
-    "--model.init_args.backbone_overrides", '{"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]}',
-    "--model.init_args.image_size", "32",
+DDP_DATA = [
     "--data.init_args.limit_data", "101",      # odd bank: DistributedSampler pads one duplicate in
     "--data.init_args.val_fraction", "0.034",  # 49 queries: odd too
     "--data.init_args.batch_size", "16",
     "--trainer.max_epochs", "1",
     "--trainer.limit_train_batches", "2",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.callbacks.knn_ks", "[5, 10]",
+    "--model.init_args.freeze", "all",         # a frozen backbone: embeddings identical after training too
 ]
 
 
@@ -71,22 +61,13 @@ def test_geometry_metrics_equal_direct_geometry_calls():
     assert got["linear_probe_acc"] == linear_probe_accuracy(bank["embedding"], by, query["embedding"], qy, seed=0)
 
 
-def _fit(tmp_path, name, extra=()):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/quickstart.yaml"),
-               *TINY, "--runs_dir", str(tmp_path), "--run_name", name, *extra]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads((tmp_path / name / "results.json").read_text())
-
-
 @pytest.mark.slow
 def test_two_process_ddp_gives_the_one_process_geometry(tmp_path):
     """gloo DDP on CPU over odd-sized bank and query sets: every geometry number equals one process's."""
-    frozen = ["--model.init_args.freeze", "all"]  # a frozen backbone: embeddings identical after training too
-    single = _fit(tmp_path, "one", frozen)
-    double = _fit(tmp_path, "two", [*frozen, "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                                    "--trainer.accelerator", "cpu"])
+    run_train(tmp_path, "one", *DDP_DATA)
+    run_train(tmp_path, "two", *DDP_DATA, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+              "--trainer.accelerator", "cpu")
+    single, double = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
     assert double["world_size"] == 2 and single["world_size"] == 1
     rows1, rows2 = single["geometry"]["history"], double["geometry"]["history"]
     assert [r["epoch"] for r in rows1] == [r["epoch"] for r in rows2] == [-1, 0]

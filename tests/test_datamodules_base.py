@@ -66,7 +66,7 @@ def test_bad_augmentation_strength_is_an_error():
         (Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)), (255, 255, 255)),
         (np.full((4, 4), 0.5, dtype=np.float32), (128, 128, 128)),
         (np.full((4, 4, 1), 7, dtype=np.uint8), (7, 7, 7)),
-        
+
     ],
 )
 def test_any_image_mode_becomes_8bit_rgb(image, expected):

@@ -6,11 +6,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from helpers.tiny import ROOT, TINY_ARGS, TINY_BACKBONE
 
 import train
 from callbacks.geometry import GeometryBudgetError, GeometryEval
@@ -18,18 +18,10 @@ from datamodules.base import BaseDataModule, Splits
 from models.base import NonFiniteError, load_backbone_weights
 from models.classifier import ClassifierModule
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_BACKBONE = {"backbone": "convnext-tiny", "weights": "random", "image_size": 32,
-                 "backbone_overrides": {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]}}
-TINY_ARGS = [
-    "--config", str(ROOT / "configs/quickstart.yaml"),
-    "--model.init_args.backbone", "convnext-tiny", "--model.init_args.weights", "random",
-    "--model.init_args.backbone_overrides", '{"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]}',
-    "--model.init_args.image_size", "32", "--model.init_args.head", "mlp", "--model.init_args.dropout", "0.1",
+TINY_RUN = [
+    *TINY_ARGS, "--model.init_args.head", "mlp", "--model.init_args.dropout", "0.1",
     "--data.init_args.limit_data", "64", "--data.init_args.batch_size", "16",
-    "--data.init_args.augmentation_strength", "2",
-    "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    "--trainer.callbacks.knn_ks", "[5, 10]",
+    "--data.init_args.augmentation_strength", "2", "--trainer.max_epochs", "2",
 ]
 
 
@@ -134,7 +126,7 @@ def test_unknown_config_key_is_an_error(capsys):
 def test_same_config_and_seed_give_identical_metrics(tmp_path):
     results = []
     for name in ("a", "b"):
-        train.main(["fit", *TINY_ARGS, "--runs_dir", str(tmp_path), "--run_name", name])
+        train.main(["fit", *TINY_RUN, "--runs_dir", str(tmp_path), "--run_name", name])
         data = json.loads((tmp_path / name / "results.json").read_text())
         results.append((data["epochs"], [{k: v for k, v in r.items() if k != "seconds"}
                                          for r in data["geometry"]["history"]]))
@@ -146,13 +138,13 @@ def test_results_json_survives_sigkill_during_writes(tmp_path):
     """A writer rewrites results.json as fast as it can; SIGKILL at random moments never leaves a torn file."""
     target = tmp_path / "results.json"
     writer = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
         "from callbacks.io import atomic_write_json\n"
         "i = 0\n"
         "while True:\n"
-        "    atomic_write_json(%r, {'i': i, 'payload': list(range(20000))})\n"
+        f"    atomic_write_json({str(target)!r}, {{'i': i, 'payload': list(range(20000))}})\n"
         "    i += 1\n"
-    ) % (str(ROOT), str(target))
+    )
     for delay in (0.3, 0.45, 0.6, 0.75, 0.9):
         process = subprocess.Popen([sys.executable, "-c", writer])
         time.sleep(delay)

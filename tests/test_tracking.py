@@ -1,43 +1,20 @@
 """Tracking: wandb offline without key or network (no prompt), TensorBoard figures, run-directory layout."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers.tiny import run_train
 
 from callbacks.loggers import wandb_should_be_offline
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--config", str(ROOT / "configs/quickstart.yaml"),
-    "--model.init_args.backbone", "convnext-tiny",
-    "--model.init_args.weights", "random",
-    "--model.init_args.backbone_overrides", '{"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]}',
-    "--model.init_args.image_size", "32",
+TRACKED = [
     "--data.init_args.limit_data", "64",
     "--data.init_args.batch_size", "32",
     "--trainer.max_epochs", "1",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.callbacks.knn_ks", "[5, 10]",
     "--trainer.callbacks+=callbacks.plots.EmbeddingPlots",
     "--trainer.callbacks+=callbacks.cka.LayerCKA",
     "--trainer.callbacks.max_samples", "64",
 ]
-
-
-def run_fit(tmp_path, name, *extra, env_extra=None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
-    env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HOME": str(tmp_path),
-                **(env_extra or {})})
-    command = [sys.executable, str(ROOT / "train.py"), "fit", *TINY, "--runs_dir", str(tmp_path / "runs"),
-               "--run_name", name, *extra]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-                            stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
 
 
 def test_no_key_means_offline(monkeypatch, tmp_path):
@@ -52,27 +29,27 @@ def test_no_key_means_offline(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_wandb_offline_run_holds_geometry_metrics_and_images(tmp_path):
     # No key, no WANDB_MODE, no network, no stdin: must go offline by itself, never prompt or hang.
-    result = run_fit(tmp_path, "wb", "--trainer.logger=callbacks.loggers.WandbLogger",
-                     "--trainer.logger.project=fmprobe-test")
+    result = run_train(tmp_path, "wb", *TRACKED, "--trainer.logger=callbacks.loggers.WandbLogger",
+                       "--trainer.logger.project=fmprobe-test", env_extra={"HOME": str(tmp_path)})
     assert "wandb: logging offline" in result.stdout + result.stderr
-    runs = list((tmp_path / "runs" / "wb" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1, list((tmp_path / "runs" / "wb").rglob("*"))[:20]
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((tmp_path / "wb").rglob("*"))[:20]
     # The offline run file holds the logged history records (protobuf; wandb ships no Python reader now):
     # the geometry keys must be in it, logged at the initial step and after the epoch.
     records = next(runs[0].glob("run-*.wandb")).read_bytes()
     assert records.count(b"geometry/knn_top1@10") >= 2 and b"geometry/kmeans_nmi" in records
     images = list(runs[0].rglob("*.png"))
     assert images, "no image was logged"
-    assert (tmp_path / "runs" / "wb" / "plots" / "plots_embedding_map_final.png").exists()
-    assert (tmp_path / "runs" / "wb" / "config.yaml").exists()
-    results = json.loads((tmp_path / "runs" / "wb" / "results.json").read_text())
+    assert (tmp_path / "wb" / "plots" / "plots_embedding_map_final.png").exists()
+    assert (tmp_path / "wb" / "config.yaml").exists()
+    results = json.loads((tmp_path / "wb" / "results.json").read_text())
     assert results["geometry"]["initial"] and results["cka"]["final_matrix"]
 
 
 @pytest.mark.slow
 def test_tensorboard_logger_gets_figures(tmp_path):
-    run_fit(tmp_path, "tb", "--trainer.logger=callbacks.loggers.TensorBoardLogger")
-    events = list((tmp_path / "runs" / "tb").rglob("events.out.tfevents.*"))
+    run_train(tmp_path, "tb", *TRACKED, "--trainer.logger=callbacks.loggers.TensorBoardLogger")
+    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     assert events
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
