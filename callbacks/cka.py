@@ -15,7 +15,7 @@ import lightning as L
 import matplotlib.pyplot as plt
 import torch
 
-from callbacks.extract import gather_by_index, seeded_subset, shard_loader
+from callbacks.extract import eval_mode, gather_by_index, trainer_shard_loader
 from callbacks.plots import log_figure
 
 
@@ -73,15 +73,9 @@ class LayerCKA(L.Callback):
             self.initial = copy.deepcopy(pl_module.backbone).eval().requires_grad_(False)
 
     def _features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
-        datamodule = trainer.datamodule
-        dataset = seeded_subset(datamodule.query_dataset(), self.max_samples, self.seed)
-        loader = shard_loader(dataset, datamodule.make_loader, trainer.world_size, trainer.global_rank)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        loader = trainer_shard_loader(trainer, trainer.datamodule.query_dataset(), self.max_samples, self.seed)
+        with eval_mode(pl_module):
             local = block_features({"now": pl_module.backbone, "initial": self.initial}, loader, pl_module.device)
-        finally:
-            pl_module.train(was_training)
         return gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, full: bool = False) -> list[float]:

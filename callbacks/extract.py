@@ -9,7 +9,8 @@ indices dropped and rows sorted by index, so N processes produce exactly the one
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -36,6 +37,23 @@ def shard_loader(dataset: Dataset, make_loader: Callable[..., DataLoader], world
         return make_loader(dataset, shuffle=False)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
     return make_loader(dataset, sampler=sampler)
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The module in eval mode for a measurement, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def trainer_shard_loader(trainer, dataset: Dataset, max_size: int | None = None, seed: int = 0) -> DataLoader:
+    """This rank's loader over (a seeded subset of) ``dataset``, built by the trainer's fmprobe DataModule."""
+    dataset = seeded_subset(dataset, max_size, seed)
+    return shard_loader(dataset, trainer.datamodule.make_loader, trainer.world_size, trainer.global_rank)
 
 
 @torch.no_grad()

@@ -22,10 +22,10 @@ import torch
 from callbacks.extract import (
     bytes_needed,
     describe_bytes,
+    eval_mode,
     extract,
     gather_by_index,
-    seeded_subset,
-    shard_loader,
+    trainer_shard_loader,
 )
 
 log = logging.getLogger(__name__)
@@ -161,9 +161,7 @@ class GeometryEval(L.Callback):
 
     # -- what ---------------------------------------------------------------------------------------
     def _features(self, trainer: L.Trainer, pl_module: L.LightningModule, dataset, max_size, what: str) -> dict:
-        datamodule = trainer.datamodule
-        dataset = seeded_subset(dataset, max_size, self.seed)
-        loader = shard_loader(dataset, datamodule.make_loader, trainer.world_size, trainer.global_rank)
+        loader = trainer_shard_loader(trainer, dataset, max_size, self.seed)
         local = extract(pl_module.embed, loader, pl_module.device, self.bank_dtype, what=what)
         return gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
 
@@ -183,9 +181,7 @@ class GeometryEval(L.Callback):
         if datamodule is None or not hasattr(datamodule, "bank_dataset"):
             raise RuntimeError("GeometryEval needs an fmprobe DataModule (with bank_dataset / query_dataset)")
         start = time.perf_counter()
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with eval_mode(pl_module):
             bank_set = datamodule.bank_dataset()
             n_bank = min(len(bank_set), self.max_bank_size or len(bank_set))
             self._check_budget(n_bank, pl_module.backbone.embed_dim)
@@ -195,8 +191,6 @@ class GeometryEval(L.Callback):
             novel = None
             if "hierarchy" in self.metrics and hasattr(datamodule, "novel_dataset"):
                 novel = self._features(trainer, pl_module, datamodule.novel_dataset(), None, "novel features")
-        finally:
-            pl_module.train(was_training)
         values: dict[str, float] | None = None
         if trainer.is_global_zero:
             values = geometry_metrics(

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
-from callbacks.extract import extract, gather_by_index, seeded_subset, shard_loader  # noqa: E402
+from callbacks.extract import eval_mode, extract, gather_by_index, trainer_shard_loader  # noqa: E402
 from callbacks.io import atomic_save_figure  # noqa: E402
 
 
@@ -94,14 +94,9 @@ class EmbeddingPlots(L.Callback):
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> None:
         datamodule = trainer.datamodule
-        dataset = seeded_subset(datamodule.query_dataset(), self.max_points, self.seed)
-        loader = shard_loader(dataset, datamodule.make_loader, trainer.world_size, trainer.global_rank)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        loader = trainer_shard_loader(trainer, datamodule.query_dataset(), self.max_points, self.seed)
+        with eval_mode(pl_module):
             local = extract(pl_module.embed, loader, pl_module.device, what="embedding map")
-        finally:
-            pl_module.train(was_training)
         features = gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
         if not trainer.is_global_zero or features["label"].ndim > 1:
             return
