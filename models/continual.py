@@ -136,11 +136,15 @@ class ContinualModule(BackboneModule):
         self.scenario = scenario
         self.experience_classes = [list(map(int, c)) for c in experience_classes]
         dim = self.backbone.embed_dim
-        if scenario == "task":
-            self.head = MultiHead(dim, self.experience_classes, self.num_classes, hp.head, hp.head_hidden_dim,
-                                  hp.dropout)
-        else:
-            self.head = build_head(hp.head, dim, self.num_classes, hp.head_hidden_dim, hp.dropout)
+        # The head is built when the stream is known (setup), where the global RNG differs between one process
+        # and a DDP launch (which reseeds): its own seed makes its initial weights the same everywhere.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hp.seed)
+            if scenario == "task":
+                self.head = MultiHead(dim, self.experience_classes, self.num_classes, hp.head, hp.head_hidden_dim,
+                                      hp.dropout)
+            else:
+                self.head = build_head(hp.head, dim, self.num_classes, hp.head_hidden_dim, hp.dropout)
         seen = torch.zeros(len(self.experience_classes), self.num_classes, dtype=torch.bool)
         for e in range(len(self.experience_classes)):
             seen[e, [c for part in self.experience_classes[: e + 1] for c in part]] = True

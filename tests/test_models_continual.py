@@ -126,7 +126,7 @@ def test_frozen_parameters_are_never_penalised():
     model[0].requires_grad_(False)
     with torch.no_grad():
         model[0].weight += 1.0  # a frozen layer that moves (e.g. loaded weights) costs nothing
-    assert float(penalty.penalty(dict(model.named_parameters()))) == 0.0
+    assert float(penalty.penalty(dict(model.named_parameters())).detach()) == 0.0
 
 
 def test_separate_and_online_modes():
