@@ -26,12 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from geometry.common import as_features, as_labels, column_means, rows_per_chunk
+from geometry.common import as_features, as_labels, column_means
 
 # One value per decade: from nearly unregularised to strongly shrunk (C = 1/(l2 n) spans 8 decades too).
 DEFAULT_L2_GRID = tuple(10.0**e for e in range(-7, 1))
 _ARMIJO = 1e-4  # sufficient-decrease constant of the backtracking line search
 _MAX_BACKTRACKS = 30
+_LOGIT_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -66,7 +67,7 @@ def _loss_and_grad(x: Tensor, target: Tensor, params: Tensor, l2: Tensor, n_clas
     """Losses (A,) float64 and gradients (A, P) of A heads; params rows = [W (D x C) flattened, b (C)].
 
     The gradient is written by hand (no autograd graph): d(mean CE)/d logits = (softmax - onehot) / n,
-    built in place in the logits buffer of each row chunk.
+    built in place in the logits buffer of each row chunk (one exp pass, no separate logsumexp).
     """
     n, d = x.shape
     a, c = params.shape[0], n_classes
@@ -80,85 +81,95 @@ def _loss_and_grad(x: Tensor, target: Tensor, params: Tensor, l2: Tensor, n_clas
     for start in range(0, n, step):
         xb, tb = x[start : start + step], target[start : start + step]
         logits = torch.addmm(b, xb, w).view(-1, a, c)
-        log_norm = logits.logsumexp(dim=2, keepdim=True)
         true_class = tb.view(-1, 1, 1).expand(-1, a, 1)
-        loss += (log_norm - logits.gather(2, true_class)).sum(dim=(0, 2), dtype=torch.float64) / n
-        probs = logits.sub_(log_norm).exp_()
-        probs.scatter_add_(2, true_class, torch.full(true_class.shape, -1.0, dtype=x.dtype, device=x.device))
-        probs = probs.view(-1, a * c).div_(n)
-        grad_w.addmm_(xb.T, probs)
-        grad_b += probs.sum(dim=0)
+        true_logit = logits.gather(2, true_class)
+        top = logits.amax(dim=2, keepdim=True)
+        probs = logits.sub_(top).exp_()
+        norm = probs.sum(dim=2, keepdim=True)
+        loss += (norm.log() + top - true_logit).sum(dim=(0, 2), dtype=torch.float64) / n
+        probs.div_(norm).scatter_add_(2, true_class, torch.full(true_class.shape, -1.0, dtype=x.dtype,
+                                                                 device=x.device))
+        grad_w.addmm_(xb.T, probs.view(-1, a * c), alpha=1.0 / n)
+        grad_b += probs.view(-1, a * c).sum(dim=0)
     grad_w = grad_w.view(d, a, c).permute(1, 0, 2).reshape(a, d * c).add_(w_flat * l2.unsqueeze(1))
-    return loss, torch.cat([grad_w, grad_b.view(a, c)], dim=1)
+    return loss, torch.cat([grad_w, grad_b.div_(n).view(a, c)], dim=1)
 
 
-def _batched_lbfgs(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], params: Tensor, max_iter: int,
-                   tol: float, history_size: int) -> tuple[Tensor, Tensor]:
+def _batched_lbfgs(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], params: Tensor, head_args: Tensor,
+                   max_iter: int, tol: float, history_size: int) -> tuple[Tensor, Tensor]:
     """Independent L-BFGS runs, one per row of ``params`` (G, P), evaluated together.
 
-    ``evaluate(points, heads)`` returns (losses, gradients) of the listed heads at the given rows. Each head
+    ``evaluate(points, args)`` returns (losses, gradients) of heads at the rows of ``points``, ``args`` being
+    the matching entries of ``head_args`` (G,) (here: each head's l2). Each head
     has its own curvature pairs, initial Hessian scale and Armijo backtracking line search; a head stops when
     max |grad| <= tol, when its line search cannot decrease the loss any more (float precision reached), or
-    after ``max_iter`` iterations. Returns (params, iterations per head).
+    after ``max_iter`` iterations. Finished heads are dropped from every state tensor at once, so the loop
+    itself only touches contiguous views. Returns (params, iterations per head).
     """
-    g_heads, p = params.shape
     params = params.clone()
-    every = torch.arange(g_heads, device=params.device)
-    loss, grad = evaluate(params, every)
-    s_hist = torch.zeros(history_size, g_heads, p, dtype=params.dtype, device=params.device)
+    iterations = torch.zeros(params.shape[0], dtype=torch.long, device=params.device)
+    heads = torch.arange(params.shape[0], device=params.device)
+    point = params.clone()
+    loss, grad = evaluate(point, head_args)
+    s_hist = torch.zeros((history_size, *point.shape), dtype=point.dtype, device=point.device)
     y_hist = torch.zeros_like(s_hist)
-    rho = torch.zeros(history_size, g_heads, dtype=torch.float64, device=params.device)
-    gamma = torch.zeros(g_heads, dtype=params.dtype, device=params.device)  # 0 = no curvature pair yet
-    iterations = torch.zeros(g_heads, dtype=torch.long, device=params.device)
-    active = every[grad.abs().amax(dim=1) > tol]
-    for it in range(max_iter):
-        if len(active) == 0:
+    rho = torch.zeros(history_size, len(heads), dtype=point.dtype, device=point.device)  # 0 = empty slot
+    gamma = torch.zeros(len(heads), dtype=point.dtype, device=point.device)  # 0 = no curvature pair yet
+    finished = grad.abs().amax(dim=1) <= tol
+    for it in range(max_iter + 1):
+        if bool(finished.any()) or it == max_iter:
+            done = finished if it < max_iter else torch.ones_like(finished)
+            params[heads[done]] = point[done]
+            iterations[heads[done]] = it
+            keep = ~done
+            heads, head_args, point, loss, grad = heads[keep], head_args[keep], point[keep], loss[keep], grad[keep]
+            s_hist, y_hist, rho, gamma = s_hist[:, keep], y_hist[:, keep], rho[:, keep], gamma[keep]
+        if len(heads) == 0:
             break
         newest_first = [(it - 1 - j) % history_size for j in range(min(it, history_size))]
-        g_a = grad[active]
-        q = -g_a
+        q = -grad
         alphas = []
-        for slot in newest_first:  # two-loop recursion, per head (rows) at once
-            alpha = rho[slot, active].to(q.dtype) * (s_hist[slot, active] * q).sum(dim=1)
-            q -= alpha.unsqueeze(1) * y_hist[slot, active]
+        for slot in newest_first:  # two-loop recursion, every head (row) at once
+            alpha = rho[slot] * torch.linalg.vecdot(s_hist[slot], q)
+            q -= alpha.unsqueeze(1) * y_hist[slot]
             alphas.append(alpha)
-        fresh = gamma[active] == 0
-        direction = q * torch.where(fresh, 1.0, gamma[active]).unsqueeze(1)
+        fresh = gamma == 0
+        direction = q * torch.where(fresh, 1.0, gamma).unsqueeze(1)
         for slot, alpha in zip(reversed(newest_first), reversed(alphas)):
-            beta = rho[slot, active].to(q.dtype) * (y_hist[slot, active] * direction).sum(dim=1)
-            direction += (alpha - beta).unsqueeze(1) * s_hist[slot, active]
-        slope = (g_a * direction).sum(dim=1, dtype=torch.float64)
-        uphill = slope >= 0  # cannot happen with valid pairs; fall back to steepest descent
-        direction[uphill] = -g_a[uphill]
-        slope = torch.where(uphill, -(g_a.double() ** 2).sum(dim=1), slope)
-        # Without curvature information, the first step is scaled to unit length (as scipy's L-BFGS-B).
-        step = torch.where(fresh | uphill, (1.0 / g_a.norm(dim=1).double()).clamp(max=1.0), 1.0)
+            beta = rho[slot] * torch.linalg.vecdot(y_hist[slot], direction)
+            direction += (alpha - beta).unsqueeze(1) * s_hist[slot]
+        slope = (grad * direction).sum(dim=1, dtype=torch.float64)
+        uphill = slope >= 0  # impossible with valid pairs; fall back to steepest descent
+        if bool(uphill.any()):
+            direction[uphill] = -grad[uphill]
+            slope = torch.where(uphill, -(grad.double() ** 2).sum(dim=1), slope)
+        # Without curvature information the first step has unit length (as scipy's L-BFGS-B).
+        step = torch.where(fresh | uphill, (1.0 / grad.norm(dim=1).double()).clamp(max=1.0), 1.0)
 
-        new_params, new_loss, new_grad = params[active].clone(), loss[active].clone(), g_a.clone()
-        pending = torch.arange(len(active), device=params.device)
+        new_point = point + step.to(point.dtype).unsqueeze(1) * direction
+        new_loss, new_grad = evaluate(new_point, head_args)
+        rejected = new_loss > loss + _ARMIJO * step * slope
         for _ in range(_MAX_BACKTRACKS):
-            trial = params[active[pending]] + step[pending].to(params.dtype).unsqueeze(1) * direction[pending]
-            trial_loss, trial_grad = evaluate(trial, active[pending])
-            accepted = trial_loss <= loss[active[pending]] + _ARMIJO * step[pending] * slope[pending]
-            done = pending[accepted]
-            new_params[done], new_loss[done], new_grad[done] = trial[accepted], trial_loss[accepted], trial_grad[accepted]
-            pending = pending[~accepted]
-            if len(pending) == 0:
+            if not bool(rejected.any()):
                 break
-            step[pending] *= 0.5
-        stalled = torch.zeros(len(active), dtype=torch.bool, device=params.device)
-        stalled[pending] = True
+            retry = rejected.nonzero().flatten()
+            step[retry] *= 0.5
+            trial = point[retry] + step[retry].to(point.dtype).unsqueeze(1) * direction[retry]
+            trial_loss, trial_grad = evaluate(trial, head_args[retry])
+            new_point[retry], new_loss[retry], new_grad[retry] = trial, trial_loss, trial_grad
+            rejected[retry] = trial_loss > loss[retry] + _ARMIJO * step[retry] * slope[retry]
+        stalled = rejected  # still no decrease: the loss is flat to float precision along this direction
+        new_point[stalled], new_loss[stalled], new_grad[stalled] = point[stalled], loss[stalled], grad[stalled]
 
-        s_new, y_new = new_params - params[active], new_grad - g_a
-        sy = (s_new * y_new).sum(dim=1, dtype=torch.float64)
-        valid = (sy > 1e-10 * s_new.norm(dim=1).double() * y_new.norm(dim=1).double()) & ~stalled
+        s_new, y_new = new_point - point, new_grad - grad
+        sy = torch.linalg.vecdot(s_new, y_new)
+        valid = (sy > 1e-10 * s_new.norm(dim=1) * y_new.norm(dim=1)) & ~stalled
         slot = it % history_size
-        s_hist[slot, active], y_hist[slot, active] = s_new, y_new
-        rho[slot, active] = torch.where(valid, 1.0 / sy.clamp(min=1e-300), 0.0)
-        gamma[active] = torch.where(valid, (sy / (y_new.double() ** 2).sum(dim=1)).to(gamma.dtype), gamma[active])
-        params[active], loss[active], grad[active] = new_params, new_loss, new_grad
-        iterations[active] += 1
-        active = active[(new_grad.abs().amax(dim=1) > tol) & ~stalled]
+        s_hist[slot], y_hist[slot] = s_new, y_new
+        rho[slot] = torch.where(valid, 1.0 / sy.clamp(min=torch.finfo(sy.dtype).tiny), 0.0)
+        gamma = torch.where(valid, sy / torch.linalg.vecdot(y_new, y_new).clamp(min=torch.finfo(sy.dtype).tiny), gamma)
+        point, loss, grad = new_point, new_loss, new_grad
+        finished = (grad.abs().amax(dim=1) <= tol) | stalled
     return params, iterations
 
 
@@ -186,12 +197,13 @@ def fit_logistic(x, y, l2: float | Sequence[float], max_iter: int = 500, tol: fl
     if init is not None:
         params[:, : d * c] = init[0].reshape(g, d * c)
         params[:, d * c :] = init[1].reshape(g, c)
-    step = rows_per_chunk(g * c, x.device, chunk_size)
+    # A cache-sized logits chunk: the elementwise passes over it then stay out of main memory.
+    step = chunk_size or max(256, _LOGIT_CHUNK_ELEMENTS // (g * c))
 
-    def evaluate(points: Tensor, heads: Tensor) -> tuple[Tensor, Tensor]:
-        return _loss_and_grad(x, target, points, l2_values[heads], c, step)
+    def evaluate(points: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
+        return _loss_and_grad(x, target, points, l2, c, step)
 
-    params, iterations = _batched_lbfgs(evaluate, params, max_iter, tol, history_size)
+    params, iterations = _batched_lbfgs(evaluate, params, l2_values, max_iter, tol, history_size)
     return LogisticHeads(params[:, : d * c].reshape(g, d, c), params[:, d * c :], l2_values, classes, iterations)
 
 
