@@ -3,21 +3,21 @@
 After each experience i (at the end of its last epoch; after a resume, before the next experience's first
 batch, which sees the same weights) it measures:
 
-* ``R[i][j]``: accuracy on the test set of every experience j. The class-incremental head may predict the classes
-  of experiences ``0..max(i, j)`` (what it has been trained on, plus, for the future experiences of the upper
-  triangle, their own classes, whose head rows are still untrained); task-incremental uses the task's head,
-  domain-incremental all classes.
+* ``R[i][j]``: accuracy on the test set of every experience j. The class-incremental head may predict the
+  classes of experiences ``0..max(i, j)`` (what it has been trained on, plus, for the future experiences of
+  the upper triangle, their own classes, whose head rows are still untrained); task-incremental uses the
+  task's head, domain-incremental all classes.
 * ``random_init_acc[j]``: the same accuracies of the model at fit start (measured once, before training), so
   ``geometry.continual.cl_metrics`` reports forward transfer too.
 * drift of the representation: kNN / k-means NMI on every class (domain) seen so far, for the current backbone
   and for its frozen copy from fit start on the same images (``callbacks.geometry.geometry_metrics``), and
   linear CKA per block between the two (``geometry.cka.linear_cka``) on a fixed seeded sample of test images.
 
-Under DDP every rank scores a disjoint, unpadded shard and the counts are summed, so R equals the one-process R;
-features for geometry and CKA are gathered by sample index (``callbacks.extract``). Numbers go to every logger
-(``continual/R_<i>_<j>``, ``continual/acc_exp<j>``, ``continual/acc``, ``continual/forgetting``, ...), to
-``results.json`` (section ``continual``) and to two heatmaps in ``<run dir>/plots/``: R and CKA (experience x
-block). The callback reads the module's ``backbone``, ``embed`` and ``logits(images, task, upto)``, and the
+Under DDP every rank scores a disjoint, unpadded shard and the counts are summed, so R equals the one-process
+R; features for geometry and CKA are gathered by sample index (``callbacks.extract``). Numbers go to every
+logger (``continual/R_<i>_<j>``, ``continual/acc_exp<j>``, ``continual/acc``, ``continual/forgetting``, ...),
+to ``results.json`` (section ``continual``) and to two heatmaps in ``<run dir>/plots/``: R and CKA (experience
+x block). The callback reads the module's ``backbone``, ``embed`` and ``logits(images, task, upto)``, and the
 datamodule's stream (``datamodules.continual.ContinualDataModule``).
 """
 
@@ -40,7 +40,8 @@ from geometry.continual import cl_metrics
 
 def accuracy_matrix_figure(matrix: list[list[float | None]], title: str = "accuracy R[i][j]"):
     """Annotated heatmap of R (rows: after training experience i; columns: tested on experience j)."""
-    values = torch.tensor([[math.nan if v is None else v for v in row] for row in matrix], dtype=torch.float64)
+    values = torch.tensor([[math.nan if v is None else v for v in row] for row in matrix],
+                          dtype=torch.float64)
     size = len(matrix)
     figure, axis = plt.subplots(figsize=(1.6 + 0.6 * size, 1.2 + 0.55 * size))
     image = axis.imshow(values.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
@@ -65,7 +66,8 @@ class ContinualEval(L.Callback):
     Args:
         random_init_acc: Measure every experience's accuracy at fit start (enables forward transfer).
         geometry: Geometry metrics on the seen classes (any of ``knn``, ``kmeans``, ``linear``); empty: none.
-        geometry_initial: Also measure them for the fit-start backbone on the same images (the drift's baseline).
+        geometry_initial: Also measure them for the fit-start backbone on the same images (the drift's
+            baseline).
         knn_ks: k values of the weighted kNN (those above the bank size are skipped).
         knn_temperature: Temperature of the kNN vote weights.
         kmeans_n_init: k-means restarts.
@@ -118,19 +120,22 @@ class ContinualEval(L.Callback):
             raise TypeError("ContinualEval needs a datamodules.continual.ContinualDataModule")
         self.stream = {"scenario": datamodule.scenario, "n_experiences": datamodule.n_experiences,
                        "epochs_per_experience": datamodule.epochs_per_experience,
-                       "class_order": datamodule.class_order, "experience_classes": datamodule.experience_classes}
+                       "class_order": datamodule.class_order,
+                       "experience_classes": datamodule.experience_classes}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.measure_random_init and self.random_init_acc is None:
             datamodule = trainer.datamodule
             self.random_init_acc = [self._accuracy(trainer, pl_module, j, upto=j)
                                     for j in range(datamodule.n_experiences)]
-            self._log(trainer, {f"continual/random_init_acc_exp{j}": a for j, a in enumerate(self.random_init_acc)})
+            self._log(trainer, {f"continual/random_init_acc_exp{j}": a
+                                for j, a in enumerate(self.random_init_acc)})
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close_finished(trainer, pl_module)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch,
+                             batch_idx: int) -> None:
         self._close_finished(trainer, pl_module)  # no-op unless a resume skipped on_train_epoch_start
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -154,7 +159,8 @@ class ContinualEval(L.Callback):
 
     # -- what ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _accuracy(self, trainer: L.Trainer, pl_module: L.LightningModule, experience: int, upto: int) -> float:
+    def _accuracy(self, trainer: L.Trainer, pl_module: L.LightningModule, experience: int,
+                  upto: int) -> float:
         datamodule = trainer.datamodule
         dataset = rank_shard(datamodule.experience_dataset(experience, "test"), trainer.world_size,
                              trainer.global_rank)
@@ -227,8 +233,8 @@ class ContinualEval(L.Callback):
                 row["geometry"] = self._geometry(trainer, pl_module, pl_module.embed, experience)
                 if self.geometry_initial and self.initial is not None:
                     if experience not in self.initial_geometry:
-                        self.initial_geometry[experience] = self._geometry(trainer, pl_module, self.initial.embed,
-                                                                           experience)
+                        self.initial_geometry[experience] = self._geometry(trainer, pl_module,
+                                                                           self.initial.embed, experience)
                     row["geometry_initial"] = self.initial_geometry[experience]
             if self.cka and self.initial is not None:
                 row["cka"] = self._block_cka(trainer, pl_module)
@@ -285,13 +291,15 @@ class ContinualEval(L.Callback):
             "metrics": self.metrics(),
             "complete": len(self.rows) == self.stream.get("n_experiences", -1),
             "experiences": [self.rows[e] for e in sorted(self.rows)],
-            "plots": ["plots/continual_accuracy_matrix.png", "plots/continual_cka_blocks_by_experience.png"]
-            if self.plots else [],
+            "plots": [f"plots/continual_{name}.png" for name, wanted in (
+                ("accuracy_matrix", self.plots), ("cka_blocks_by_experience", self.plots and self.cka))
+                if wanted],
         }}
 
     # -- resume -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {"rows": self.rows, "random_init_acc": self.random_init_acc, "initial_geometry": self.initial_geometry}
+        state = {"rows": self.rows, "random_init_acc": self.random_init_acc,
+                 "initial_geometry": self.initial_geometry}
         if self.initial is not None:
             state["initial"] = self.initial.state_dict()
         return state

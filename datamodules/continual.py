@@ -11,10 +11,11 @@ one experience at a time:
   fixed input transform: a seeded pixel permutation (Permuted-MNIST style) or a rotation by a fixed angle.
   Experience 0 is always the untransformed data.
 
-The experience a fit is on follows ``trainer.current_epoch``: epochs ``[e * E, (e + 1) * E)`` train on experience
-``e`` (E = ``epochs_per_experience``). Deriving it from the epoch, never from a counter that must be saved, is what
-makes resume and DDP safe: every rank, and a resumed run, computes the same experience. ``setup`` sets the
-trainer's ``max_epochs`` to ``n_experiences * E`` and makes the trainer reload the train / val loaders every epoch.
+The experience a fit is on follows ``trainer.current_epoch``: epochs ``[e * E, (e + 1) * E)`` train on
+experience ``e`` (E = ``epochs_per_experience``). Deriving it from the epoch, never from a counter that must
+be saved, is what makes resume and DDP safe: every rank, and a resumed run, computes the same experience.
+``setup`` sets the trainer's ``max_epochs`` to ``n_experiences * E`` and makes the trainer reload the train /
+val loaders every epoch.
 
 Batches are the usual dicts (``image``, ``label`` = the dataset's own class id, ``index`` = position in the
 experience's subset) plus ``task`` (the experience index; only task-incremental models read it). The wrapped
@@ -67,7 +68,7 @@ def source_labels(source: Sequence) -> np.ndarray:
 
 
 class PixelPermutation:
-    """A fixed, seeded permutation of pixel positions (the same for every channel): Permuted-MNIST's task shift."""
+    """A fixed, seeded permutation of pixel positions (the same in every channel): Permuted-MNIST's shift."""
 
     def __init__(self, seed: int):
         self.seed = seed
@@ -95,7 +96,7 @@ class Rotation:
 
 
 class ExperienceDataset(Dataset):
-    """The samples of one experience: a subset of a split, with the experience's task id and input transform."""
+    """The samples of one experience: a subset of a split, with the experience's task id and transform."""
 
     def __init__(self, base: Dataset, indices: Sequence[int], task: int, image_transform=None):
         self.base, self.indices, self.task, self.image_transform = base, list(indices), task, image_transform
@@ -104,7 +105,7 @@ class ExperienceDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, key):
-        i, seed = key if isinstance(key, tuple) else (key, None)  # (position, augmentation seed): EpochSampler
+        i, seed = key if isinstance(key, tuple) else (key, None)  # EpochSampler: (position, augment seed)
         sample = self.base[self.indices[i] if seed is None else (self.indices[i], seed)]
         if sample is None:  # an unreadable image skipped by the wrapped DataModule's policy
             return None
@@ -136,10 +137,12 @@ class ContinualDataModule(BaseDataModule):
     Args:
         dataset: The wrapped DataModule (any ``BaseDataModule`` subclass, given by class_path / init_args).
         scenario: ``class`` (class-incremental), ``task`` (task-incremental: ``task`` in every batch) or
-            ``domain`` (domain-incremental: all classes in every experience, a per-experience input transform).
+            ``domain`` (domain-incremental: all classes in every experience, a per-experience input
+            transform).
         n_experiences: Number of experiences T. Class / task scenarios split the classes into T groups whose
             sizes differ by at most one.
-        epochs_per_experience: Training epochs on each experience; the fit lasts ``n_experiences`` times as many.
+        epochs_per_experience: Training epochs on each experience; the fit lasts ``n_experiences`` times as
+            many.
         class_order: Explicit class order (all class ids once); None draws a seeded permutation.
         shuffle_classes: With no ``class_order``: permute the classes (seeded by ``seed``) or keep 0..C-1.
         domain_transform: Domain scenario: ``permutation`` (seeded pixel permutation per experience) or
@@ -148,7 +151,8 @@ class ContinualDataModule(BaseDataModule):
             spaced in [0, 180).
         batch_size: Samples per batch, per process.
         num_workers: DataLoader workers; None picks min(4, CPUs - 1).
-        preprocessing: The backbone's input size / mean / std (linked by train.py); passed to the wrapped dataset.
+        preprocessing: The backbone's input size / mean / std (linked by train.py); passed to the wrapped
+            dataset.
         seed: Seed of the class order and of the pixel permutations.
         pin_memory: Pin host memory; None pins when CUDA is available.
     """
@@ -172,7 +176,8 @@ class ContinualDataModule(BaseDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, preprocessing=preprocessing,
                          seed=seed, pin_memory=pin_memory)
         if not isinstance(dataset, BaseDataModule):
-            raise TypeError(f"dataset must be an fmprobe DataModule (BaseDataModule), got {type(dataset).__name__}")
+            raise TypeError("dataset must be an fmprobe DataModule (BaseDataModule), got "
+                            f"{type(dataset).__name__}")
         if scenario not in SCENARIOS:
             raise ValueError(f"scenario must be one of {SCENARIOS}, got {scenario!r}")
         if domain_transform not in DOMAIN_TRANSFORMS:
@@ -183,27 +188,29 @@ class ContinualDataModule(BaseDataModule):
         if preprocessing is not None:
             dataset.preprocessing = preprocessing  # the link from the backbone is the authority on image size
         self.dataset = dataset
-        self.scenario, self.n_experiences, self.epochs_per_experience = scenario, n_experiences, epochs_per_experience
+        self.scenario, self.n_experiences = scenario, n_experiences
+        self.epochs_per_experience = epochs_per_experience
         self.domain_transform = domain_transform
         self.num_classes = dataset.num_classes
         self.class_names = list(dataset.class_names)
         self.superclass_names = dataset.superclass_names
         self.collate_fn = dataset.collate_fn
         if not self.num_classes:
-            raise ValueError(f"{type(dataset).__name__} reports num_classes=0; continual streams need class labels")
+            raise ValueError(f"{type(dataset).__name__} reports num_classes=0; continual streams need labels")
         self.class_order = self._class_order(class_order, shuffle_classes)
         if scenario == "domain":
             self.experience_classes = [sorted(self.class_order) for _ in range(n_experiences)]
         else:
             if n_experiences > self.num_classes:
                 raise ValueError(f"cannot split {self.num_classes} classes into {n_experiences} experiences")
-            self.experience_classes = [sorted(int(c) for c in part)
-                                       for part in np.array_split(np.asarray(self.class_order), n_experiences)]
+            parts = np.array_split(np.asarray(self.class_order), n_experiences)
+            self.experience_classes = [sorted(int(c) for c in part) for part in parts]
         self.classes_per_experience = [len(c) for c in self.experience_classes]
         if scenario == "domain" and domain_transform == "rotation":
             angles = rotation_angles or [180.0 * e / n_experiences for e in range(n_experiences)]
             if len(angles) != n_experiences:
-                raise ValueError(f"rotation_angles needs one angle per experience ({n_experiences}), got {angles}")
+                raise ValueError(f"rotation_angles needs one angle per experience ({n_experiences}), "
+                                 f"got {angles}")
             self.rotation_angles = [float(a) for a in angles]
         else:
             self.rotation_angles = None
@@ -230,7 +237,7 @@ class ContinualDataModule(BaseDataModule):
 
     @property
     def current_experience(self) -> int:
-        """The experience being trained: from the trainer's epoch during fit, else the last ``set_experience``."""
+        """The experience trained: from the trainer's epoch during fit, else the last ``set_experience``."""
         if self._fitting():
             return self.experience_for_epoch(self.trainer.current_epoch)
         return self._experience
@@ -246,7 +253,7 @@ class ContinualDataModule(BaseDataModule):
         self._experience = int(experience)
 
     def active_classes(self, upto: int) -> list[int]:
-        """Classes of experiences 0..upto: what a class-incremental model may predict after training ``upto``."""
+        """Classes of experiences 0..upto: what a class-incremental model may predict after ``upto``."""
         return sorted({c for part in self.experience_classes[: upto + 1] for c in part})
 
     def image_transform(self, experience: int):
@@ -272,15 +279,15 @@ class ContinualDataModule(BaseDataModule):
         # The loaders must follow the experience, and the fit must last exactly the stream.
         if trainer.reload_dataloaders_every_n_epochs != 1:
             if trainer.reload_dataloaders_every_n_epochs not in (0, 1):
-                warnings.warn("ContinualDataModule sets trainer.reload_dataloaders_every_n_epochs to 1 so that the "
-                              "loaders follow the experience", stacklevel=2)
+                warnings.warn("ContinualDataModule sets trainer.reload_dataloaders_every_n_epochs to 1 so "
+                              "that the loaders follow the experience", stacklevel=2)
             trainer.reload_dataloaders_every_n_epochs = 1
         if trainer.fast_dev_run:
             return
         total = self.n_experiences * self.epochs_per_experience
         if trainer.max_epochs not in (None, -1, 1000, total):  # 1000: Lightning's default when unset
-            warnings.warn(f"trainer.max_epochs={trainer.max_epochs} replaced by n_experiences x epochs_per_experience"
-                          f" = {total}", stacklevel=2)
+            warnings.warn(f"trainer.max_epochs={trainer.max_epochs} replaced by n_experiences x "
+                          f"epochs_per_experience = {total}", stacklevel=2)
         trainer.fit_loop.max_epochs = total
 
     def _split_indices(self) -> None:
@@ -313,8 +320,9 @@ class ContinualDataModule(BaseDataModule):
         return self._labels[split][self.indices[split][experience]]
 
     # -- datasets ------------------------------------------------------------------------------------
-    def experience_dataset(self, experience: int, split: str = "train", augment: bool = True) -> ExperienceDataset:
-        """The samples of one experience from ``train`` (augmented unless ``augment=False``), ``val`` or ``test``."""
+    def experience_dataset(self, experience: int, split: str = "train",
+                           augment: bool = True) -> ExperienceDataset:
+        """One experience's samples of ``train`` (augmented unless ``augment=False``), ``val`` or ``test``."""
         if split == "train":
             base = self.dataset.train_dataset(augment=augment)
         elif split == "val":
@@ -326,7 +334,8 @@ class ContinualDataModule(BaseDataModule):
             base = self.dataset.test_dataset()
         else:
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-        return ExperienceDataset(base, self.indices[split][experience], experience, self.image_transform(experience))
+        return ExperienceDataset(base, self.indices[split][experience], experience,
+                                 self.image_transform(experience))
 
     def seen_dataset(self, upto: int, split: str = "train", augment: bool = False) -> ConcatExperiences:
         """Experiences 0..upto together (every seen class; in the domain scenario every seen domain)."""
@@ -357,7 +366,8 @@ class ContinualDataModule(BaseDataModule):
         dataset = self.train_dataset()
         # The base class's sampler: order and augmentations fixed by (seed, epoch), exact mid-epoch resume.
         sampler = EpochSampler(len(dataset), self.seed, self, self.batch_size)
-        # A last batch of one sample would break BatchNorm in training; with shuffling, no sample is always left out.
+        # A last batch of one sample would break BatchNorm in training; with shuffling, no sample is always
+        # left out.
         return self.make_loader(dataset, sampler=sampler, drop_last=len(dataset) > self.batch_size)
 
     def val_dataloader(self):
@@ -378,5 +388,5 @@ class ContinualDataModule(BaseDataModule):
         saved = state_dict.get("experience_classes")
         if saved is not None and [list(c) for c in saved] != self.experience_classes:
             raise ValueError("this checkpoint was trained on a different class split "
-                             f"({saved}) than the configured one ({self.experience_classes}); resume with the "
-                             "same data config (seed, class_order, n_experiences)")
+                             f"({saved}) than the configured one ({self.experience_classes}); resume with "
+                             "the same data config (seed, class_order, n_experiences)")

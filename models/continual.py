@@ -1,30 +1,32 @@
 """Continual learning on a backbone: naive fine-tuning, EWC, experience replay and LwF, one Lightning fit.
 
-``ContinualModule`` trains on the experiences a ``datamodules.continual.ContinualDataModule`` serves, one after
-the other, in a single ``train.py fit``. The experience is a function of the epoch (the datamodule's
-``experience_for_epoch``), so DDP ranks and resumed runs always agree on it. The work at an experience boundary
-(EWC's Fisher, adding the finished experience to the replay memory, LwF's teacher copy) is done when the *next*
-experience is entered, at its first epoch start (or first batch, after a resume), because at that moment the
-weights are exactly those at the end of the previous experience and every checkpoint saved at the end of an epoch,
-whatever the callback order, still resumes into the same state.
+``ContinualModule`` trains on the experiences a ``datamodules.continual.ContinualDataModule`` serves, one
+after the other, in a single ``train.py fit``. The experience is a function of the epoch (the datamodule's
+``experience_for_epoch``), so DDP ranks and resumed runs always agree on it. The work at an experience
+boundary (EWC's Fisher, adding the finished experience to the replay memory, LwF's teacher copy) is done when
+the *next* experience is entered, at its first epoch start (or first batch, after a resume), because at that
+moment the weights are exactly those at the end of the previous experience and every checkpoint saved at the
+end of an epoch, whatever the callback order, still resumes into the same state.
 
 Heads: ``class`` and ``domain`` scenarios use one head over all classes; in the class-incremental scenario the
-logits of classes not seen yet are masked (``-inf``), so the head grows with the stream. The ``task`` scenario uses
-``models.heads.MultiHead``, one head per task, chosen by the batch's ``task``.
+logits of classes not seen yet are masked (``-inf``), so the head grows with the stream. The ``task`` scenario
+uses ``models.heads.MultiHead``, one head per task, chosen by the batch's ``task``.
 
 Strategies (``strategy``):
 
 * ``naive``: plain fine-tuning on each experience.
 * ``ewc``: + ``ewc_lambda / 2 * sum F (θ - θ*)²`` over the trainable parameters (``models.ewc``), with the
   diagonal Fisher of each finished experience from per-sample gradients of the log-likelihood of the *true*
-  labels (``ewc_fisher_labels: sampled`` uses labels drawn from the model); ``ewc_mode`` ``separate`` (one term per
-  experience) or ``online`` (one decayed term, ``ewc_gamma``).
+  labels (``ewc_fisher_labels: sampled`` uses labels drawn from the model); ``ewc_mode`` ``separate`` (one
+  term per experience) or ``online`` (one decayed term, ``ewc_gamma``).
 * ``replay``: a reservoir memory of ``replay_memory`` samples of the finished experiences (``models.replay``,
-  ``replay_balance`` none / class / experience); every training batch gets ``replay_batch_size`` of them appended.
-* ``lwf``: + ``lwf_alpha`` x distillation (temperature ``lwf_temperature``) of the old classes' / tasks' outputs of
-  a copy of the model taken at the end of the previous experience (Li & Hoiem 2016).
+  ``replay_balance`` none / class / experience); every training batch gets ``replay_batch_size`` of them
+  appended.
+* ``lwf``: + ``lwf_alpha`` x distillation (temperature ``lwf_temperature``) of the old classes' / tasks'
+  outputs of a copy of the model taken at the end of the previous experience (Li & Hoiem 2016).
 
-Freezing (``freeze: none | all | partial:K``) is the backbone's; frozen parameters are never consolidated by EWC.
+Freezing (``freeze: none | all | partial:K``) is the backbone's; frozen parameters are never consolidated by
+EWC.
 """
 
 from __future__ import annotations
@@ -46,20 +48,20 @@ STRATEGIES = ("naive", "ewc", "replay", "lwf")
 
 
 class ReplayDataset(Dataset):
-    """The replay memory's (experience, index) references as training samples of their own experience."""
+    """The replay memory's (experience, index) references as training samples of their own experience (with
+    that experience's augmentation, task id and domain transform)."""
 
     def __init__(self, datamodule, items: list[tuple[int, int]]):
-        self.datamodule, self.items = datamodule, items
-        self._datasets: dict[int, Dataset] = {}
+        self.items = items
+        experiences = sorted({e for e, _ in items})
+        self.datasets = {e: datamodule.experience_dataset(e, "train", augment=True) for e in experiences}
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
         experience, index = self.items[i]
-        if experience not in self._datasets:
-            self._datasets[experience] = self.datamodule.experience_dataset(experience, "train", augment=True)
-        return self._datasets[experience][index]
+        return self.datasets[experience][index]
 
 
 class ContinualModule(BackboneModule):
@@ -126,7 +128,7 @@ class ContinualModule(BackboneModule):
             self._build_head(scenario, experience_classes)
         self.entered_experience = -1  # the experience whose training has begun
         self.consolidated = 0  # experiences 0..consolidated-1 are in the EWC terms / replay memory / teacher
-        self._teacher: list[nn.Module] = []  # LwF's frozen copy [backbone, head]; a list keeps it unregistered
+        self._teacher: list[nn.Module] = []  # LwF's frozen [backbone, head]; a list: no registered child
         self._replay_batches = None
         self._replay_epoch = -1
 
@@ -141,8 +143,8 @@ class ContinualModule(BackboneModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hp.seed)
             if scenario == "task":
-                self.head = MultiHead(dim, self.experience_classes, self.num_classes, hp.head, hp.head_hidden_dim,
-                                      hp.dropout)
+                self.head = MultiHead(dim, self.experience_classes, self.num_classes, hp.head,
+                                      hp.head_hidden_dim, hp.dropout)
             else:
                 self.head = build_head(hp.head, dim, self.num_classes, hp.head_hidden_dim, hp.dropout)
         seen = torch.zeros(len(self.experience_classes), self.num_classes, dtype=torch.bool)
@@ -170,7 +172,7 @@ class ContinualModule(BackboneModule):
 
     @property
     def current_experience(self) -> int:
-        """During fit: the experience of the current epoch. Otherwise the last one trained (all if unknown)."""
+        """During fit: the experience of the current epoch. Otherwise the last one trained (or the last)."""
         trainer = self._trainer
         if trainer is not None and trainer.state.fn == "fit" and trainer.datamodule is not None:
             return trainer.datamodule.experience_for_epoch(trainer.current_epoch)
@@ -227,7 +229,7 @@ class ContinualModule(BackboneModule):
             self.ewc.consolidate(self._fisher(experience), trainable_parameters(self))
             self.log("continual/ewc_importance", self.ewc.importance_total())
         if self.strategy == "lwf":
-            self._teacher = [copy.deepcopy(m).eval().requires_grad_(False) for m in (self.backbone, self.head)]
+            self._teacher = self._frozen_copy()
 
     def _fisher(self, experience: int) -> dict[str, torch.Tensor]:
         from torch.func import functional_call
@@ -265,18 +267,22 @@ class ContinualModule(BackboneModule):
             count = size * (int(steps) + 1 if math.isfinite(steps) else 10**6)
             generator = torch.Generator().manual_seed(
                 (self.hparams.seed * 1_000_003 + trainer.current_epoch) * 1009 + trainer.global_rank)
-            sampler = RandomSampler(range(len(self.replay)), replacement=True, num_samples=count, generator=generator)
-            loader = DataLoader(ReplayDataset(datamodule, self.replay.items()), batch_size=size, sampler=sampler,
-                                num_workers=datamodule.num_workers, collate_fn=datamodule.collate_fn,
-                                pin_memory=datamodule.pin_memory)
+            sampler = RandomSampler(range(len(self.replay)), replacement=True, num_samples=count,
+                                    generator=generator)
+            loader = DataLoader(ReplayDataset(datamodule, self.replay.items()), batch_size=size,
+                                sampler=sampler, num_workers=datamodule.num_workers,
+                                collate_fn=datamodule.collate_fn, pin_memory=datamodule.pin_memory)
             self._replay_batches, self._replay_epoch = iter(loader), trainer.current_epoch
         batch = next(self._replay_batches, None)
-        return None if batch is None else {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
+        if batch is None:
+            return None
+        return {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
 
     def on_train_epoch_end(self) -> None:
         self._replay_batches = None  # let the replay loader's workers go
 
-    def _distillation(self, images: torch.Tensor, features: torch.Tensor, task, experience: int) -> torch.Tensor:
+    def _distillation(self, images: torch.Tensor, features: torch.Tensor, task,
+                      experience: int) -> torch.Tensor:
         teacher_backbone, teacher_head = self._teacher
         if next(teacher_backbone.parameters()).device != self.device:
             teacher_backbone.to(self.device), teacher_head.to(self.device)
@@ -284,11 +290,13 @@ class ContinualModule(BackboneModule):
             teacher = self._old_outputs(teacher_head, teacher_backbone.embed(images), task, experience)
         student = self._old_outputs(self.head, features, task, experience)
         temperature = self.hparams.lwf_temperature
-        losses = [F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1), log_target=True,
-                           reduction="batchmean") * temperature**2 for s, t in zip(student, teacher)]
+        losses = [F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1),
+                           log_target=True, reduction="batchmean") * temperature**2
+                  for s, t in zip(student, teacher)]
         return torch.stack(losses).mean()
 
-    def _old_outputs(self, head: nn.Module, features: torch.Tensor, task, experience: int) -> list[torch.Tensor]:
+    def _old_outputs(self, head: nn.Module, features: torch.Tensor, task,
+                     experience: int) -> list[torch.Tensor]:
         """The outputs LwF preserves: old tasks' heads (task), old classes (class), every class (domain)."""
         if self.scenario == "task":
             return [head.task_logits(features, t)[:, self.experience_classes[t]] for t in range(experience)]
@@ -317,12 +325,14 @@ class ContinualModule(BackboneModule):
             loss = loss + penalty
         if self._teacher and experience > 0:
             distillation = self._distillation(images, features, task, experience)
-            self.log("train/lwf_distillation", distillation, on_step=True, on_epoch=True, batch_size=len(labels))
+            self.log("train/lwf_distillation", distillation, on_step=True, on_epoch=True,
+                     batch_size=len(labels))
             loss = loss + self.hparams.lwf_alpha * distillation
         accuracy = (logits.argmax(1) == labels).float().mean()
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
         self.log("train/acc", accuracy, on_step=False, on_epoch=True, batch_size=len(labels))
-        self.log("continual/experience", float(experience), on_step=False, on_epoch=True, batch_size=len(labels))
+        self.log("continual/experience", float(experience), on_step=False, on_epoch=True,
+                 batch_size=len(labels))
         return self.check_finite(loss, batch_idx)
 
     def _evaluate(self, batch: dict, prefix: str) -> None:
@@ -343,7 +353,8 @@ class ContinualModule(BackboneModule):
 
     def predict_step(self, batch: dict, batch_idx: int):
         features = self.embed(batch["image"])
-        logits = self._mask(self._head_logits(self.head, features, batch.get("task")), self.current_experience)
+        logits = self._mask(self._head_logits(self.head, features, batch.get("task")),
+                            self.current_experience)
         return {"index": batch["index"], "embedding": features, "logits": logits}
 
     # -- optimisation --------------------------------------------------------------------------------
@@ -370,6 +381,9 @@ class ContinualModule(BackboneModule):
             return (progress + 1.0 / (batches * per_experience)) / warmup
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - warmup) / max(1e-8, 1.0 - warmup))))
 
+    def _frozen_copy(self) -> list[nn.Module]:
+        return [copy.deepcopy(m).eval().requires_grad_(False) for m in (self.backbone, self.head)]
+
     # -- checkpoints ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = {"entered_experience": self.entered_experience, "consolidated": self.consolidated}
@@ -391,6 +405,6 @@ class ContinualModule(BackboneModule):
         if self.replay is not None and "replay" in state:
             self.replay.load_state_dict(state["replay"])
         if "lwf_teacher" in state:
-            self._teacher = [copy.deepcopy(m).eval().requires_grad_(False) for m in (self.backbone, self.head)]
+            self._teacher = self._frozen_copy()
             for module, saved in zip(self._teacher, state["lwf_teacher"]):
                 module.load_state_dict(saved)

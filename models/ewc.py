@@ -2,9 +2,10 @@
 
 The importance of a parameter is the diagonal of the Fisher information, estimated from *per-sample*
 gradients: ``F = mean_n (d/dθ log p(y_n | x_n))²``. The labels ``y_n`` are the *true* labels by default (the
-empirical Fisher, as in most continual-learning libraries); ``labels="sampled"`` draws ``y_n`` from the model's
-own predictive distribution instead (a one-sample Monte-Carlo estimate of the true Fisher of Kirkpatrick et al.).
-Squaring a minibatch-mean gradient, as some implementations do, is not the Fisher and is not done here.
+empirical Fisher, as in most continual-learning libraries); ``labels="sampled"`` draws ``y_n`` from the
+model's own predictive distribution instead (a one-sample Monte-Carlo estimate of the true Fisher of
+Kirkpatrick et al.). Squaring a minibatch-mean gradient, as some implementations do, is not the Fisher and is
+not done here.
 
 Only parameters that require gradients get an importance: a frozen block is never consolidated, and
 the penalty never touches it.
@@ -54,7 +55,8 @@ def squared_gradient_sums(logits_fn: LogitsFn, params: dict[str, Tensor], images
         per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(detached, images, labels)
         return {name: g.pow(2).sum(0) for name, g in per_sample.items()}
     except (RuntimeError, NotImplementedError, ValueError) as error:
-        log.info("per-sample gradients without vmap (%s: %s); looping over samples", type(error).__name__, error)
+        log.info("per-sample gradients without vmap (%s: %s); looping over samples",
+                 type(error).__name__, error)
         sums = {name: torch.zeros_like(p) for name, p in detached.items()}
         names = list(params)
         for image, label in zip(images, labels):
@@ -80,8 +82,8 @@ def fisher_diagonal(module: nn.Module, logits_fn: LogitsFn, batches: Iterable[tu
         chunk_size: Samples per vmap call (bounds the memory of per-sample gradients); None picks one from
             the parameter count.
         seed: Seed of the sampled labels.
-        reduce: Sums a flat tensor over processes (DDP all-reduce); the sample count is reduced with it, so every
-            process returns the Fisher of the whole dataset.
+        reduce: Sums a flat tensor over processes (DDP all-reduce); the sample count is reduced with it, so
+            every process returns the Fisher of the whole dataset.
     """
     if labels not in ("true", "sampled"):
         raise ValueError(f"labels must be 'true' or 'sampled', got {labels!r}")
@@ -103,7 +105,8 @@ def fisher_diagonal(module: nn.Module, logits_fn: LogitsFn, batches: Iterable[tu
                 sums[name] += value.float()
             count += len(x)
     names = list(sums)
-    flat = torch.cat([sums[n].flatten() for n in names] + [torch.tensor([float(count)], device=flat_device(sums))])
+    count_tensor = torch.tensor([float(count)], device=flat_device(sums))
+    flat = torch.cat([sums[n].flatten() for n in names] + [count_tensor])
     if reduce is not None:
         flat = reduce(flat)
     total = flat[-1].item()
@@ -179,7 +182,8 @@ class EWCPenalty:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("mode", self.mode) != self.mode:
-            raise ValueError(f"checkpoint has EWC mode {state['mode']!r}, the run is configured with {self.mode!r}")
+            raise ValueError(f"checkpoint has EWC mode {state['mode']!r}, the run is configured with "
+                             f"{self.mode!r}")
         self.terms = [dict(term) for term in state.get("terms", [])]
 
     def importance_total(self) -> float:

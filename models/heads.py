@@ -35,10 +35,10 @@ class ProjectionHead(nn.Module):
 class MultiHead(nn.Module):
     """One head per task (task-incremental learning), each over its own task's classes.
 
-    ``forward(x, task)`` runs every row through the head of its task and returns ``(B, num_classes)`` logits in
-    the dataset's class space: the row's task classes hold its head's outputs, every other class ``-inf``.
-    Cross-entropy on the global labels therefore trains each head on its own classes only, and an argmax never
-    leaves the task. ``head(x, task)[:, task_classes[t]]`` are the raw outputs of head ``t``.
+    ``forward(x, task)`` runs every row through the head of its task and returns ``(B, num_classes)`` logits
+    in the dataset's class space: the row's task classes hold its head's outputs, every other class ``-inf``.
+    Cross-entropy on the global labels therefore trains each head on its own classes only, and an argmax
+    never leaves the task. ``head(x, task)[:, task_classes[t]]`` are the raw outputs of head ``t``.
 
     Args:
         in_dim: Embedding width.
@@ -54,7 +54,8 @@ class MultiHead(nn.Module):
         super().__init__()
         self.task_classes = [list(map(int, classes)) for classes in task_classes]
         self.num_classes = num_classes or 1 + max(c for classes in self.task_classes for c in classes)
-        self.heads = nn.ModuleList(build_head(kind, in_dim, len(c), hidden_dim, dropout) for c in self.task_classes)
+        self.heads = nn.ModuleList(build_head(kind, in_dim, len(c), hidden_dim, dropout)
+                                   for c in self.task_classes)
         for t, classes in enumerate(self.task_classes):
             placement = torch.zeros(len(classes), self.num_classes)
             placement[torch.arange(len(classes)), torch.tensor(classes, dtype=torch.long)] = 1.0
@@ -64,7 +65,7 @@ class MultiHead(nn.Module):
             self.register_buffer(f"outside_{t}", outside, persistent=False)
 
     def task_logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        """Every row through head ``task``, placed in the global class space (no in-place writes: vmap-safe)."""
+        """Every row through head ``task``, in the global class space (no in-place writes: vmap-safe)."""
         placement, outside = getattr(self, f"placement_{task}"), getattr(self, f"outside_{task}")
         return self.heads[task](x) @ placement.to(x.dtype) + outside.to(x.dtype)
 
@@ -72,7 +73,6 @@ class MultiHead(nn.Module):
         if isinstance(task, int):
             return self.task_logits(x, task)
         out = x.new_full((x.shape[0], self.num_classes), float("-inf"))
-        for t in task.unique().tolist():
-            rows = (task == t)[:, None]
-            out = torch.where(rows, self.task_logits(x, t), out)
+        for t in range(len(self.heads)):  # also the heads of absent tasks: DDP expects every parameter used
+            out = torch.where((task == t)[:, None], self.task_logits(x, t), out)
         return out

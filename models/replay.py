@@ -11,8 +11,8 @@ and shrinking a quota keeps the result uniform. With ``balance``:
   again those with the smallest keys, so each group's share is a uniform sample of that group.
 
 Items are references ``(experience, index)`` into the stream's datasets, not images: the memory is a few
-kilobytes in a checkpoint, replayed samples get fresh augmentation, and every process that sees the same stream
-with the same seed holds the same memory (DDP needs no synchronisation).
+kilobytes in a checkpoint, replayed samples get fresh augmentation, and every process that sees the same
+stream with the same seed holds the same memory (DDP needs no synchronisation).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class ReservoirBuffer:
         return torch.zeros_like(label)
 
     def add(self, experience: int | torch.Tensor, index: torch.Tensor, label: torch.Tensor) -> None:
-        """Stream items in: ``index`` (N,) positions in experience ``experience``'s dataset with their labels."""
+        """Stream items in: ``index`` (N,) positions in ``experience``'s dataset, with their labels."""
         index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
         label = torch.as_tensor(label, dtype=torch.long).reshape(-1)
         experience = torch.as_tensor(experience, dtype=torch.long).expand(len(index)).clone()
@@ -120,7 +120,8 @@ class ReservoirBuffer:
     def load_state_dict(self, state: dict) -> None:
         if (state["capacity"], state["balance"]) != (self.capacity, self.balance):
             raise ValueError(f"checkpoint replay memory is (capacity={state['capacity']}, balance="
-                             f"{state['balance']!r}); the run is configured with ({self.capacity}, {self.balance!r})")
+                             f"{state['balance']!r}); the run is configured with ({self.capacity}, "
+                             f"{self.balance!r})")
         for name in ("experience", "index", "label", "key"):
             setattr(self, name, state[name].clone())
         self.seen = {int(k): int(v) for k, v in state["seen"].items()}

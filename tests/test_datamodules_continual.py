@@ -1,4 +1,4 @@
-"""ContinualDataModule: class / task / domain streams over any DataModule, seeded splits, experience switching."""
+"""ContinualDataModule: class / task / domain streams over any DataModule, seeded splits, switching."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def test_domain_permutation_keeps_every_class_and_permutes_pixels_per_experience
 def test_permutation_and_rotation_transforms():
     image = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(2, 4, 4)
     permuted = PixelPermutation(seed=1)(image)
-    assert torch.equal(permuted[1] - permuted[0], torch.full((4, 4), 16.0))  # one permutation for all channels
+    assert torch.equal(permuted[1] - permuted[0], torch.full((4, 4), 16.0))  # the same in every channel
     assert torch.equal(PixelPermutation(seed=1)(image), permuted)
     assert torch.allclose(Rotation(180)(image), image.flip(-1).flip(-2))
     assert torch.equal(Rotation(0)(image), image)
