@@ -39,13 +39,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_args(config: Path, tmp: Path, name: str, experiences: int = 2, extra: list[str] = ()) -> list[str]:
+def tiny_args(config: Path, tmp: Path, name: str, experiences: int = 2, extra: list[str] = (),
+              command: str = "fit") -> list[str]:
     """``config`` with a tiny random backbone, small images, 2 batches per experience, small evaluations."""
     settings = yaml.safe_load(config.read_text())
     freeze = settings["model"]["init_args"].get("freeze", "none")
     dataset = settings["data"]["init_args"]["dataset"]["class_path"]
     return [
-        "fit", "--config", str(config), "--runs_dir", str(tmp / "runs"), "--run_name", name,
+        command, "--config", str(config), "--runs_dir", str(tmp / "runs"), "--run_name", name,
         "--model.init_args.backbone", "timm:test_efficientnet", "--model.init_args.weights", "random",
         "--model.init_args.image_size", "16",
         "--model.init_args.freeze", "partial:2" if freeze.startswith("partial") else freeze,
@@ -101,6 +102,11 @@ def test_end_to_end_replay_run_reports_r_metrics_and_keeps_its_memory(tmp_path):
     assert 0 < len(memory["index"]) <= 12 and set(memory["experience"].tolist()) == {0, 1}
     logged = (run / "logs" / "metrics.csv").read_text().splitlines()[0]
     assert {"continual/R_2_0", "continual/forgetting", "continual/cka_block0"} <= set(logged.split(","))
+    # `train.py test` scores the checkpoint on every experience's test set, one loader per experience.
+    train.main(tiny_args(config, tmp_path, "replay-test", experiences=3, command="test",
+                         extra=[*replay, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]))
+    tested = json.loads((tmp_path / "runs" / "replay-test" / "results.json").read_text())["test"]
+    assert [tested[f"test/exp{j}/acc"] for j in range(3)] == pytest.approx(matrix[2].tolist(), abs=1e-6)
 
 
 def test_resumed_fit_gives_the_same_accuracy_matrix(tmp_path):
