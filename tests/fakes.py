@@ -11,6 +11,8 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from datamodules.base import IMAGENET_MEAN, IMAGENET_STD, BaseDataModule, Splits
@@ -40,6 +42,18 @@ class TinyData(BaseDataModule):
         images = rng.integers(0, 256, (self.n, 8, 8, 3), dtype=np.uint8)
         labels = np.arange(self.n) % 3
         return Splits(train=ArraySource(images, labels), test=ArraySource(images[:6], labels[:6]))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models spend their time in thread hand-offs: one thread is as fast and immune to a busy machine.
+
+    Import it into a test module (``from fakes import one_torch_thread``) to make it apply there.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_trainer(**kwargs) -> L.Trainer:

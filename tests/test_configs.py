@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fakes import (
+from fakes import (  # noqa: F401  (one_torch_thread: autouse fixture)
+    one_torch_thread,
     write_cifar10,
     write_cifar100,
     write_class_folders,

@@ -2,7 +2,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import TINY, TinyData
+from fakes import TINY, TinyData, one_torch_thread  # noqa: F401  (autouse fixture)
 from fakes import tiny_trainer as trainer
 
 from models.diet import (
