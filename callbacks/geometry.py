@@ -79,7 +79,14 @@ def geometry_metrics(bank: dict, query: dict, metrics=("knn", "kmeans", "linear"
     if "fewshot" in metrics:
         from geometry.fewshot import fewshot_accuracy
 
-        for shots, (mean, ci) in fewshot_accuracy(qx, qy, seed=seed).items():
+        # An episode needs 5 classes with shots + 15 queries each; skip the shot counts the queries cannot feed.
+        per_class = torch.unique(qy, return_counts=True)[1]
+        feasible = tuple(s for s in (1, 10) if int((per_class >= s + 15).sum()) >= 5)
+        if len(feasible) < 2:
+            missing = " and ".join(f"{s}-shot" for s in sorted({1, 10} - set(feasible)))
+            warnings.warn(f"few-shot: too few query samples per class for {missing} 5-way episodes with 15 "
+                          "queries; skipped", stacklevel=2)
+        for shots, (mean, ci) in (fewshot_accuracy(qx, qy, shots=feasible, seed=seed) if feasible else {}).items():
             out[f"fewshot_{shots}shot_acc"], out[f"fewshot_{shots}shot_ci95"] = mean, ci
     if "hierarchy" in metrics and "superclass" in query:
         from geometry.hierarchy import hierarchy_metrics
