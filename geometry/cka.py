@@ -3,7 +3,7 @@
 - ``linear_cka``: exact for any n. When n exceeds the feature dimensions it works in feature space,
   ``||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``, streaming over samples so memory is O(d^2 + n)
   (n = 200k, d = 768: three d x d float64 accumulators, ~14 MB, plus one sample chunk), never n x n.
-  For n below the dimensions the n x n Gram form is the smaller one and is used instead.
+  For n below about half the dimensions the n x n Gram form is the smaller one and is used instead.
 - ``debiased=True``: the unbiased HSIC estimator of Song et al. (2012) in place of the plug-in one,
   Kornblith's "debiased CKA"; close to 0 for independent representations, and may be negative.
 - ``rbf_cka``: Gaussian-kernel CKA for small n (builds n x n Grams; refuses n > ``max_samples``).
@@ -75,13 +75,14 @@ def _gram_cka(gram_x: Tensor, gram_y: Tensor, debiased: bool) -> float:
 def linear_cka(x, y, debiased: bool = False, chunk_size: int | None = None) -> float:
     """Linear CKA of x (N, Dx) and y (N, Dy), rows = the same samples; a Python float.
 
-    Exact for any N; memory O(Dx^2 + Dy^2 + Dx Dy + N) when N > Dx + Dy, else O(N^2).
+    Exact for any N; memory O(Dx^2 + Dy^2 + Dx Dy + N), or O(N^2) when that is smaller (N below ~D / 2).
     ``chunk_size`` = samples per streamed chunk (default 8192, fewer for very wide features).
     """
     x, y = _pair(x, y)
     n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
     mean_x, mean_y = column_means(x).to(x.dtype), column_means(y).to(x.dtype)
-    if n <= dx + dy:
+    # Work in whichever space is smaller: two n x n Grams (and their centred copies), or three d x d products.
+    if 4 * n * n <= dx * dx + dy * dy + dx * dy:
         xc, yc = (x - mean_x).double(), (y - mean_y).double()
         return _gram_cka(xc @ xc.T, yc @ yc.T, debiased)
 

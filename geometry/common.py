@@ -17,13 +17,19 @@ _ACCELERATOR_BLOCK_ELEMENTS = 1 << 28
 DISTANCES = ("cosine", "euclidean")
 
 
-def as_features(x, name: str = "x") -> Tensor:
-    """A 2-D floating tensor; integer input and CPU half precision (slow matmuls there) become float32."""
+def as_features(x, name: str = "x", allow_half: bool = False) -> Tensor:
+    """A non-empty 2-D floating tensor on its own device.
+
+    Integers and half precision become float32: sums of squares overflow or lose too much in 16 bits.
+    ``allow_half`` keeps float16/bfloat16 on accelerators, for pure retrieval (kNN) where it is the caller's
+    speed/precision choice; on CPU half-precision matmuls are slow, so it is upcast there regardless.
+    """
     if not isinstance(x, Tensor):
         x = torch.as_tensor(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (N, D) tensor, got shape {tuple(x.shape)}")
-    if not x.is_floating_point() or (x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64)):
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D (N, D) tensor, got shape {tuple(x.shape)}")
+    keep_half = allow_half and x.device.type != "cpu" and x.dtype in (torch.float16, torch.bfloat16)
+    if x.dtype not in (torch.float32, torch.float64) and not keep_half:
         x = x.float()
     return x
 

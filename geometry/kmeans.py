@@ -27,7 +27,9 @@ def _kmeans_plusplus(x: Tensor, x_sq: Tensor, n_clusters: int, n_init: int, gene
     """Greedy k-means++ (Arthur & Vassilvitskii 2007, as in scikit-learn) for ``n_init`` restarts at once.
 
     Each new centre is the best of ``2 + log k`` candidates drawn proportionally to the squared distance
-    to the nearest centre so far; "best" = lowest resulting potential. Returns (n_init, k, D).
+    to the nearest centre so far; "best" = lowest resulting potential. All restarts' candidates are scored
+    in one (N, restarts x candidates) float32 block, the only buffer larger than the data's row count.
+    Returns (n_init, k, D).
     """
     n = x.shape[0]
     n_trials = 2 + int(math.log(n_clusters))
@@ -35,17 +37,17 @@ def _kmeans_plusplus(x: Tensor, x_sq: Tensor, n_clusters: int, n_init: int, gene
     centers = torch.empty(n_init, n_clusters, x.shape[1], dtype=x.dtype, device=x.device)
     first = torch.randint(n, (n_init,), generator=generator, device=x.device)
     centers[:, 0] = x[first]
-    closest = squared_euclidean(x, x[first], x_sq, x_sq[first]).T.double()  # (n_init, n)
-    potential = closest.sum(dim=1)
+    closest = squared_euclidean(x, x[first], x_sq, x_sq[first])  # (N, restarts)
     for c in range(1, n_clusters):
+        # Cumulative potentials in float64: float32 sums over many samples would skew the sampling.
+        cumulative = closest.cumsum(dim=0, dtype=torch.float64).T.contiguous()
         draws = torch.rand(n_init, n_trials, generator=generator, device=x.device, dtype=torch.float64)
-        candidates = torch.searchsorted(closest.cumsum(dim=1), draws * potential.unsqueeze(1)).clamp_(max=n - 1)
+        candidates = torch.searchsorted(cumulative, draws * cumulative[:, -1:]).clamp_(max=n - 1)
         flat = candidates.reshape(-1)
-        candidate_d2 = squared_euclidean(x, x[flat], x_sq, x_sq[flat]).T.double()
-        candidate_d2 = torch.minimum(candidate_d2.view(n_init, n_trials, n), closest.unsqueeze(1))
-        best = candidate_d2.sum(dim=2).argmin(dim=1)
-        closest = candidate_d2[restarts, best]
-        potential = closest.sum(dim=1)
+        candidate_d2 = squared_euclidean(x, x[flat], x_sq, x_sq[flat]).view(n, n_init, n_trials)
+        candidate_d2 = torch.minimum(candidate_d2, closest.unsqueeze(2), out=candidate_d2)
+        best = candidate_d2.sum(dim=0, dtype=torch.float64).argmin(dim=1)
+        closest = candidate_d2[:, restarts, best]
         centers[:, c] = x[candidates[restarts, best]]
     return centers
 

@@ -30,8 +30,8 @@ DEFAULT_KS = (10, 20, 100, 200)
 
 def _prepare(bank, bank_labels, queries, ks: Sequence[int], distance: str):
     check_distance(distance)
-    bank = as_features(bank, "bank")
-    queries = as_features(queries, "queries")
+    bank = as_features(bank, "bank", allow_half=True)
+    queries = as_features(queries, "queries", allow_half=True)
     if queries.shape[1] != bank.shape[1]:
         raise ValueError(f"queries have {queries.shape[1]} features but the bank has {bank.shape[1]}")
     bank_labels = as_labels(bank_labels, bank.shape[0], "bank_labels").to(bank.device)

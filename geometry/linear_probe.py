@@ -56,7 +56,7 @@ class LogisticHeads:
 
 
 def _check_l2(l2) -> list[float]:
-    values = [float(v) for v in (l2 if isinstance(l2, Sequence | Tensor) else [l2])]
+    values = torch.as_tensor(l2, dtype=torch.float64).reshape(-1).tolist()
     if not values or any(not v >= 0.0 for v in values):
         raise ValueError(f"l2 must be one or more non-negative numbers, got {values}")
     return values

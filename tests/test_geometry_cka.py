@@ -180,8 +180,8 @@ def test_three_or_fewer_samples_are_rejected(n):
 
 
 def test_constant_inputs_give_zero_with_a_warning_not_nan():
-    x = torch.full((50, 6), 0.3)
-    y = torch.randn(50, 4)
+    x = torch.full((50, 16), 0.3)
+    y = torch.randn(50, 16)
     for cka in (linear_cka, lambda a, b: linear_cka(a, b, debiased=True), rbf_cka,
                 lambda a, b: linear_cka(a[:10], b[:10])):  # feature-space and Gram paths
         with pytest.warns(UserWarning, match="zero"):
