@@ -23,7 +23,8 @@ Keys, and the question of seed 000 each answers:
    centroid; ``novel_super_acc_samples``: the same decided per novel sample.
    ``novel_dist_same_super`` / ``novel_dist_other_super``: mean distance of a novel centroid to the known
    sub-class centroids of its own / other super-classes (averaged over novel sub-classes);
-   ``novel_dist_ratio`` = same / other.
+   ``novel_dist_ratio`` = same / other. Novel sub-classes of a super-class without known sub-classes are
+   left out of these three (NaN if that is all of them) and always count as misses in ``novel_super_acc*``.
 
 Silhouettes cost O(N^2 D) in row chunks (never N x N in memory); ``silhouette_sample_size`` subsamples
 (seeded) for large N, like scikit-learn's ``sample_size``.
@@ -179,8 +180,10 @@ def hierarchy_metrics(x, sub_labels, super_labels, novel_mask=None, metric: str 
     novel_c, novel_sup = centroids[novel_subs], sup_of_sub[novel_subs]
     dist_vk = _centroid_distances(novel_c, known_c, metric)
     same_vk = novel_sup.unsqueeze(1) == known_sup.unsqueeze(0)
-    novel_same = _masked_row_mean(dist_vk, same_vk).mean()
-    novel_other = _masked_row_mean(dist_vk, ~same_vk).mean()
+    # A novel sub-class whose super-class has no known sub-class has no "same" distance: left out there.
+    has_known_sibling = same_vk.any(dim=1)
+    novel_same = _masked_row_mean(dist_vk, same_vk)[has_known_sibling].mean()
+    novel_other = _masked_row_mean(dist_vk, ~same_vk)[has_known_sibling].mean()
     super_c = torch.stack([known_c[known_sup == s].mean(dim=0) for s in supers])
     nearest_super = supers[_centroid_distances(novel_c, super_c, metric).argmin(dim=1)]
     novel_rows = novel.nonzero().flatten()

@@ -128,3 +128,15 @@ def test_structural_errors():
                           novel_mask=torch.from_numpy(partial))
     with pytest.raises(ValueError, match="labels"):
         silhouette_score(torch.randn(5, 2), torch.zeros(5, dtype=torch.long))
+
+
+def test_novel_class_of_an_unseen_super_class_is_left_out_of_distances():
+    x, sub, sup, novel = hand_built()
+    sup = sup.copy()
+    sup[sub == 5] = 2  # novel 5 now belongs to a super-class with no known sub-class
+    m = hierarchy_metrics(torch.from_numpy(x), torch.from_numpy(sub), torch.from_numpy(sup),
+                          novel_mask=torch.from_numpy(novel), metric="euclidean")
+    same4 = np.mean([np.hypot(*np.subtract(CENTRES[4], CENTRES[k])) for k in (0, 1)])
+    assert m["novel_dist_same_super"] == pytest.approx(same4)
+    assert m["novel_super_acc"] == pytest.approx(0.5)  # novel 5 cannot be placed correctly
+    assert all(np.isfinite(v) for v in m.values())
