@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from fakes import write_cifar100, write_cub_official
+from fakes import one_torch_thread, write_cifar100, write_cub_official  # noqa: F401  (autouse fixture)
 
 import train
 
@@ -29,14 +29,6 @@ DATA_RECIPES = {
     "datamodules.cub.CUB200DataModule": lambda tmp: [
         f"{DATASET}.root", str(write_cub_official(tmp / "data" / "CUB_200_2011", classes=4))],
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention on a 2-core runner
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_args(config: Path, tmp: Path, name: str, experiences: int = 2, extra: list[str] = (),

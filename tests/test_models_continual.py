@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from fakes import one_torch_thread  # noqa: F401  (autouse fixture: one torch thread)
 from scipy import stats
 from torch import nn
 from torch.func import functional_call
@@ -17,14 +18,6 @@ from models.heads import MultiHead
 from models.replay import ReservoirBuffer, water_fill
 
 TINY = dict(backbone="timm:test_efficientnet", weights="random", image_size=16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention on a 2-core runner
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_classifier(frozen_first: bool = True) -> nn.Module:
