@@ -293,7 +293,7 @@ class ContinualDataModule(BaseDataModule):
     def _split_indices(self) -> None:
         if self._indices is not None:
             return
-        sources = self.dataset.sources
+        sources = self.sources
         val = sources.val if sources.val is not None and len(sources.val) else None
         self._indices, self._labels = {}, {}
         for split, source in (("train", sources.train), ("val", val), ("test", sources.test)):
@@ -308,6 +308,11 @@ class ContinualDataModule(BaseDataModule):
                     raise ValueError(f"experience {experience} (classes {classes}) has no training samples")
                 parts.append(indices)
             self._indices[split] = parts
+
+    @property
+    def sources(self):
+        """The wrapped dataset's splits (its own val split and ``limit_data`` applied)."""
+        return self.dataset.sources
 
     @property
     def indices(self) -> dict[str, list[list[int]]]:
