@@ -31,16 +31,23 @@ def check_metrics(metrics: list[str], what: str = "metrics") -> list[str]:
     return list(metrics)
 
 
-def layer_metrics(splits: dict[str, dict[str, dict]], layer: str, metrics: list[str], num_classes: int | None,
-                  knn_ks: list[int], knn_temperature: float, kmeans_n_init: int, seed: int,
-                  query_split: str) -> dict[str, float]:
-    """``geometry_metrics`` of one layer: bank = train split, queries = ``query_split``, novel if extracted."""
-    wanted = [m for m in metrics if m in GEOMETRY_METRICS]
-    if not wanted:
-        return {}
+def layer_metrics(splits: dict[str, dict[str, dict]], layer: str, metrics: list[str], knn_ks: list[int],
+                  knn_temperature: float, kmeans_n_init: int, seed: int, query_split: str,
+                  where: str = "") -> dict[str, float]:
+    """``geometry_metrics`` of one layer: bank = train split, queries = ``query_split``, novel if extracted.
+
+    One call per metric, so a metric the data cannot support (e.g. 10-shot episodes with 12 samples per
+    class) is skipped with a warning naming it instead of losing the others.
+    """
     novel = splits["novel"][layer] if "novel" in splits else None
-    return geometry_metrics(splits["train"][layer], splits[query_split][layer], wanted, tuple(knn_ks),
-                            knn_temperature, kmeans_n_init, seed, novel=novel, num_classes=num_classes)
+    out: dict[str, float] = {}
+    for metric in (m for m in metrics if m in GEOMETRY_METRICS):
+        try:
+            out.update(geometry_metrics(splits["train"][layer], splits[query_split][layer], [metric], tuple(knn_ks),
+                                        knn_temperature, kmeans_n_init, seed, novel=novel, num_classes=None))
+        except ValueError as error:
+            log.warning("%s skipped on %s, layer %s: %s", metric, where, layer, error)
+    return out
 
 
 def cka(x: torch.Tensor, y: torch.Tensor, debiased: bool) -> float:
@@ -54,16 +61,10 @@ def same_samples(a: dict, b: dict) -> bool:
 
 
 def cka_matrix(features: list[torch.Tensor], debiased: bool) -> list[list[float]]:
-    """Symmetric CKA matrix of a list of (N, D_i) feature sets over the same N samples."""
-    n = len(features)
-    matrix = [[1.0 if i == j else float("nan") for j in range(n)] for i in range(n)]
-    for i in range(n):
-        for j in range(i + 1, n):
-            matrix[i][j] = matrix[j][i] = cka(features[i], features[j], debiased)
-    if debiased:  # debiased CKA of a representation with itself is 1 only in expectation: compute it
-        for i in range(n):
-            matrix[i][i] = cka(features[i], features[i], debiased)
-    return matrix
+    """CKA matrix of a list of (N, D_i) feature sets over the same N samples; entry [i][j] is exactly
+    ``linear_cka(features[i], features[j])`` (symmetric up to rounding; the diagonal is computed too, since
+    debiased CKA of a representation with itself is 1 only in expectation)."""
+    return [[cka(a, b, debiased) for b in features] for a in features]
 
 
 def evaluate(features: dict[str, dict[str, dict]], metrics: list[str], block_metrics: list[str], knn_ks: list[int], knn_temperature: float, kmeans_n_init: int,
@@ -80,8 +81,8 @@ def evaluate(features: dict[str, dict[str, dict]], metrics: list[str], block_met
             layers = list(splits[query_split])
             for layer in layers:
                 wanted = metrics if layer == FINAL_LAYER else block_metrics
-                values = layer_metrics(splits, layer, wanted, None, knn_ks, knn_temperature, kmeans_n_init,
-                                       seed, query_split)
+                values = layer_metrics(splits, layer, wanted, knn_ks, knn_temperature, kmeans_n_init, seed,
+                                       query_split, where=f"{backbone} / {dataset}")
                 rows += [row(backbone, dataset, layer, name, value) for name, value in values.items()]
             if "cka" in block_metrics and len(layers) > 1:
                 matrix = cka_matrix([splits[query_split][layer]["embedding"] for layer in layers], cka_debiased)

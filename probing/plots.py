@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,12 @@ def embedding_map(out_dir: Path, backbone: str, dataset: str, splits: dict, data
 
 
 def cka_heatmaps(out_dir: Path, cka_section: dict[str, Any]) -> list[Path]:
+    with warnings.catch_warnings():  # long backbone names in a small matrix: the layout is still readable
+        warnings.filterwarnings("ignore", message="Tight layout not applied")
+        return _cka_heatmaps(out_dir, cka_section)
+
+
+def _cka_heatmaps(out_dir: Path, cka_section: dict[str, Any]) -> list[Path]:
     paths = []
     for dataset, entry in cka_section.get("backbones", {}).items():
         names = entry["backbones"]
@@ -178,7 +185,8 @@ def synthetic_real_map(out_dir: Path, backbone: str, real: str, synthetic: str, 
         if rows:
             colours = [colour(palette.index(class_names[keep[i]]) % 20) for i in rows]
             axis.scatter(points[rows, 0], points[rows, 1], c=colours, marker=marker, s=10 if side == "real" else 22,
-                         alpha=0.7, label=f"{side} ({real if side == 'real' else synthetic})")
+                         alpha=0.7)
+        axis.scatter([], [], color="dimgrey", marker=marker, label=f"{side} ({real if side == 'real' else synthetic})")
     if len(palette) <= 20:
         for i, name in enumerate(palette):
             axis.scatter([], [], color=colour(i % 20), label=name, s=12)

@@ -25,8 +25,10 @@ def row(backbone: str, dataset: str, layer: str, metric: str, value: float, agai
 
 
 def is_headline(metric: str) -> bool:
-    """Metrics worth a table column, a bar chart and a layer curve (not CIs, top-5 or CKA pairs)."""
-    return not (metric.endswith("_ci95") or metric.startswith("knn_top5") or metric.startswith("cka_"))
+    """Metrics worth a table line, a bar chart and a layer curve: not CIs, top-5, CKA pairs, the synthetic-vs-real
+    report (its own table) or the two distances behind a ratio (the ratio is shown)."""
+    return not (metric.endswith(("_ci95", "_same_super", "_other_super", "_samples"))
+                or metric.startswith(("knn_top5", "cka_", "synth_")))
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
@@ -61,10 +63,10 @@ def final_table(rows: list[dict[str, Any]], backbones: list[str], title: str = "
     final = {(r["dataset"], r["metric"], r["backbone"]): r["value"] for r in rows
              if r["layer"] == "final" and not r["against"]}
     table = Table(title=title, show_header=True, header_style="bold")
-    table.add_column("dataset")
-    table.add_column("metric")
+    table.add_column("dataset", overflow="fold")
+    table.add_column("metric", overflow="fold")
     for name in backbones:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", overflow="fold")
     seen = []
     for dataset, metric, _ in final:
         if is_headline(metric) and (dataset, metric) not in seen:
@@ -89,7 +91,8 @@ def best_layer_table(rows: list[dict[str, Any]]):
             groups.setdefault((r["backbone"], r["dataset"], r["metric"]), {})[r["layer"]] = r["value"]
     table = Table(title="layer-wise: best block vs final embedding", show_header=True, header_style="bold")
     for column in ("backbone", "dataset", "metric", "best block", "value", "final"):
-        table.add_column(column, justify="left" if column in ("backbone", "dataset", "metric") else "right")
+        text = column in ("backbone", "dataset", "metric")
+        table.add_column(column, justify="left" if text else "right", overflow="fold" if text else "ellipsis")
     for (backbone, dataset, metric), by_layer in groups.items():
         blocks = {k: v for k, v in by_layer.items() if k != "final" and not math.isnan(v)}
         if not blocks:

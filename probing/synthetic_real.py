@@ -10,8 +10,9 @@ embedding, all splits of each dataset together):
    sub-class's own radius (``subclass_centroid_gap``).
 2. **Super-classes** (both sets name super-classes): the same against real super-class centroids.
 3. **Novel sub-classes** (synthetic sub-classes the real set lacks, under a super-class it has): where they land,
-   by ``geometry.hierarchy.hierarchy_metrics`` on the real samples plus the novel ones, and whether their
-   nearest real sub-class centroid belongs to their own super-class (``novel_nearest_superclass_acc``).
+   by ``geometry.hierarchy.hierarchy_metrics`` on the real samples plus the novel ones (``hier_*``: e.g.
+   ``hier_novel_super_acc``, ``hier_novel_dist_ratio``, ``hier_novel_tightness``), and whether their nearest real
+   sub-class centroid belongs to their own super-class (``novel_nearest_superclass_acc``).
 
 Distances are cosine distances (``geometry.common.distance_block`` on L2-normalised rows), as in kNN.
 """
@@ -94,7 +95,11 @@ def compare(real: dict, synthetic: dict, real_names: list[str], synthetic_names:
         known = torch.tensor([name in super_position for name in super_of_sample])
         if known.any():
             own = torch.tensor([super_position[n] for n, keep in zip(super_of_sample, known.tolist()) if keep])
-            result = _against_centroids(sx[known], own, centroids(rx, real["superclass"], real_supers))
+            # As in geometry.hierarchy: a super-class centroid is the mean of its sub-class centroids.
+            super_of_class = [int(real["superclass"][real["label"] == c][0]) for c in real_classes]
+            super_centroids = torch.stack([
+                real_centroids[[i for i, s in enumerate(super_of_class) if s == sup]].mean(0) for sup in real_supers])
+            result = _against_centroids(sx[known], own, super_centroids)
             metrics.update({f"superclass_{k}": v for k, v in result.items()})
         novel = (~shared) & known
         if novel.any():
@@ -117,7 +122,7 @@ def _novel(rx, real, novel_x, novel, synthetic, real_names, real_super, syntheti
     sup = torch.tensor([supers.index(real_super[s]) for s in real["superclass"].tolist()] +
                        [supers.index(synthetic_super[s]) for s in synthetic["superclass"][novel].tolist()])
     mask = torch.cat([torch.zeros(len(rx), dtype=torch.bool), torch.ones(len(novel_x), dtype=torch.bool)])
-    values = {f"novel_{k}": float(v) for k, v in hierarchy_metrics(torch.cat([rx, novel_x]), sub, sup,
+    values = {f"hier_{k}": float(v) for k, v in hierarchy_metrics(torch.cat([rx, novel_x]), sub, sup,
                                                                     novel_mask=mask).items()}
     super_of_real_class = {}
     for c, s in zip(real["label"].tolist(), real["superclass"].tolist()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,17 @@ def test_bad_choices_fail_before_any_work(tmp_path):
     assert probe.resolve_blocks([0, -1], 4, "b") == [0, 3] and probe.resolve_blocks("final", 4, "b") == []
     with pytest.raises(ValueError, match="does not exist"):
         probe.resolve_blocks([7], 4, "b")
+
+
+@pytest.mark.parametrize("path", sorted(Path(probe.__file__).parent.joinpath("configs").glob("probe_*.yaml")),
+                         ids=lambda p: p.name)
+def test_probe_configs_parse_and_resolve(path):
+    """Every configs/probe_*.yaml parses with probe.py's parser and names backbones / datasets that resolve."""
+    from models.backbones import available_backbones
+
+    cfg = probe.build_parser().parse_args(["--config", str(path)])
+    for entry in cfg.backbones:
+        backbone = parse_backbone(entry, cfg.image_size)
+        assert backbone.name in available_backbones(), backbone.name
+    for entry in cfg.datasets:
+        parse_dataset(entry).datamodule_class()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import probe
@@ -25,13 +26,22 @@ ARGS = ["--backbones", "[{name: convnext-tiny, weights: random, image_size: 32, 
         "--num_workers", "0", "--no_plots", "--no_progress", "--accelerator", "cpu"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run as fast on one thread, and one thread is immune to a busy second core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def entries(cache_dir: Path) -> dict:
     cache = FeatureCache(cache_dir)
     return {(key["split"], key["layer"]): cache.load(key) for key in cache.keys()}
 
 
 def test_two_process_ddp_equals_one_process(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(ROOT / "probe.py"), *ARGS, "--name", "ddp", "--runs_dir", str(tmp_path / "runs"),
                "--cache_dir", str(tmp_path / "ddp-cache"), "--devices", "2", "--strategy", "ddp"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
