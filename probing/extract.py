@@ -119,6 +119,9 @@ class ExtractionRunner:
 
     def __init__(self, accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto",
                  num_nodes: int = 1, precision: str = "32", feature_dtype: str = "float32", progress: bool = True):
+        if any(word in str(strategy) for word in ("spawn", "fork")):
+            raise ValueError(f"strategy {strategy!r} extracts in processes whose features never come back; use "
+                             "--strategy ddp (one process per device, launched from this script)")
         if precision not in AUTOCAST_DTYPES:
             raise ValueError(f"precision must be one of {list(AUTOCAST_DTYPES)}, got {precision!r}")
         if feature_dtype not in ("float32", "float16"):
@@ -152,6 +155,8 @@ class ExtractionRunner:
             warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")  # Lightning vs torch, not ours
             self.trainer.predict(module, return_predictions=False)
         self.calls += 1
+        if module.features is None:  # e.g. a strategy Lightning chose that forks or spawns workers
+            raise RuntimeError(f"extraction of {what} returned no features; run with --strategy ddp")
         return module.features
 
 

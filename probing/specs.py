@@ -127,7 +127,7 @@ class DatasetEntry:
         if data_root is not None and "root" not in kwargs and "root" in inspect.signature(cls).parameters:
             kwargs["root"] = data_root
         datamodule = cls(**kwargs)
-        datamodule.prepare_data()
+        prepare_once(datamodule)
         datamodule.setup("predict")
         return datamodule
 
@@ -142,6 +142,21 @@ def _plain(value: Any) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _plain(v) for k, v in value.items())
     return value is None or isinstance(value, bool | int | float | str | Path)
+
+
+def prepare_once(datamodule) -> None:
+    """``prepare_data`` (downloads) on global rank 0 only; under a process group the others wait for it.
+
+    Ranks > 0 start (at rank 0's first extraction) after rank 0 has prepared the datasets before it, and
+    every later dataset is prepared while they wait at the barrier, so no two processes download at once.
+    """
+    import torch.distributed as dist
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        datamodule.prepare_data()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def datamodule_args(datamodule, entry: DatasetEntry) -> dict[str, Any]:

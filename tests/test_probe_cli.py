@@ -79,6 +79,8 @@ def test_bad_choices_fail_before_any_work(tmp_path):
         probe.main([*base, "--backbones", "[resnet50, resnet50]"])
     with pytest.raises(ValueError, match="not among --datasets"):
         probe.main([*base, "--synthetic_vs_real", "[{real: digits, synthetic: synthetic}]"])
+    with pytest.raises(ValueError, match="use --strategy ddp"):
+        probe.main([*base, "--strategy", "ddp_spawn", "--devices", "2"])
     assert not (tmp_path / "cache").exists()
     assert probe.resolve_blocks("all", 4, "b") == [0, 1, 2, 3]
     assert probe.resolve_blocks([0, -1], 4, "b") == [0, 3] and probe.resolve_blocks("final", 4, "b") == []
