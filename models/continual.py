@@ -37,31 +37,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
 from models.base import BackboneModule
 from models.ewc import EWCPenalty, fisher_diagonal, trainable_parameters
 from models.heads import MultiHead, build_head
-from models.replay import ReservoirBuffer
+from models.replay import ReplayDataset, ReservoirBuffer
 
 STRATEGIES = ("naive", "ewc", "replay", "lwf")
-
-
-class ReplayDataset(Dataset):
-    """The replay memory's (experience, index) references as training samples of their own experience (with
-    that experience's augmentation, task id and domain transform)."""
-
-    def __init__(self, datamodule, items: list[tuple[int, int]]):
-        self.items = items
-        experiences = sorted({e for e, _ in items})
-        self.datasets = {e: datamodule.experience_dataset(e, "train", augment=True) for e in experiences}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        experience, index = self.items[i]
-        return self.datasets[experience][index]
 
 
 class ContinualModule(BackboneModule):

@@ -18,6 +18,7 @@ stream with the same seed holds the same memory (DDP needs no synchronisation).
 from __future__ import annotations
 
 import torch
+from torch.utils.data import Dataset
 
 BALANCES = ("none", "class", "experience")
 
@@ -126,3 +127,20 @@ class ReservoirBuffer:
             setattr(self, name, state[name].clone())
         self.seen = {int(k): int(v) for k, v in state["seen"].items()}
         self.generator.set_state(state["generator"])
+
+
+class ReplayDataset(Dataset):
+    """The replay memory's (experience, index) references as training samples of their own experience (with
+    that experience's augmentation, task id and domain transform)."""
+
+    def __init__(self, datamodule, items: list[tuple[int, int]]):
+        self.items = items
+        experiences = sorted({e for e, _ in items})
+        self.datasets = {e: datamodule.experience_dataset(e, "train", augment=True) for e in experiences}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        experience, index = self.items[i]
+        return self.datasets[experience][index]
