@@ -74,7 +74,8 @@ class DIETModule(BackboneModule):
         projection_dim: Output width of the projection head both heads sit on.
         projection_hidden_dim: Hidden width of the projection head; None uses max(projection_dim, embed dim).
         diet_label_smoothing: Label smoothing of the DIET loss (the probe loss has none).
-        loss_schedule: ``[[fraction, w_diet, w_probe], ...]``; see ``loss_weights`` for how boundaries resolve.
+        loss_schedule: ``[[fraction, w_diet, w_probe], ...]``, fractions increasing from 0: a row applies from
+            its fraction of training (epoch / max_epochs) up to the next row's; at a boundary the new row applies.
         diet_seed: Seed of the DIET class assignment (independent of ``seed_everything``).
         num_train_samples: Training-set size; None reads it from the fit's fmprobe DataModule at setup.
         multi_label: Per-label binary cross-entropy for the probe loss (ChestMNIST); None follows the
@@ -138,8 +139,18 @@ class DIETModule(BackboneModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         stored = checkpoint.get("state_dict", {}).get("diet_assignment")
-        if stored is not None:  # take the stored size, so load_state_dict restores it whatever setup built
-            self.diet_assignment = torch.empty_like(stored, device=self.diet_assignment.device)
+        if stored is None:
+            return
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if self.diet_assignment.numel() and hasattr(datamodule, "sources"):
+            size = len(datamodule.sources.train)
+            if size != len(stored):
+                raise ValueError(
+                    f"this checkpoint's DIET classes cover {len(stored)} training samples, but the training set "
+                    f"now has {size}; resume with the run's data settings (limit_data, val_fraction, seed)"
+                )
+        # Take the stored size, so load_state_dict restores the stored assignment whatever setup built.
+        self.diet_assignment = torch.empty_like(stored, device=self.diet_assignment.device)
 
     # -- model --------------------------------------------------------------------------------------------
     def heads(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,9 @@ def test_a_resume_uses_the_assignment_stored_in_the_checkpoint(tmp_path):
     assert not torch.equal(resumed.diet_assignment, assign_diet_classes(24, 5, seed=1))
     loaded = DIETModule.load_from_checkpoint(tmp_path / "last.ckpt")
     assert torch.equal(loaded.diet_assignment, first.diet_assignment)
+    with pytest.raises(ValueError, match="cover 24 training samples, but the training set now has 30"):
+        trainer(max_epochs=2).fit(DIETModule(num_classes=3, num_diet_classes=5, **TINY), datamodule=TinyData(n=30),
+                                  ckpt_path=tmp_path / "last.ckpt")
 
 
 @pytest.mark.parametrize("progress, expected", [
