@@ -227,6 +227,8 @@ def draw_plots(out_dir: Path, rows, cka_section, features, modules, pairs, cfg) 
     paths += plots.cka_heatmaps(out_dir, cka_section)
     paths += plots.layer_curves(out_dir, rows)
     paths += plots.metric_bars(out_dir, rows)
+    for stale in set(out_dir.glob("*.png")) - set(paths):  # from an earlier run under the same name
+        stale.unlink()
     return paths
 
 
@@ -245,7 +247,7 @@ def finish(run_dir: Path, rows, config, versions, cka_section, comparisons, tabl
         plots=[str(p) for p in plot_paths],
         seconds={"extraction": round(extraction_seconds, 2), "total": round(time.time() - started, 2)},
     )
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # logs: no folding at 80 columns
     console.print(final_table(rows, backbone_ids))
     if any(r["layer"] != "final" for r in rows):
         console.print(best_layer_table(rows))

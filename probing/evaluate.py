@@ -61,10 +61,16 @@ def same_samples(a: dict, b: dict) -> bool:
 
 
 def cka_matrix(features: list[torch.Tensor], debiased: bool) -> list[list[float]]:
-    """CKA matrix of a list of (N, D_i) feature sets over the same N samples; entry [i][j] is exactly
-    ``linear_cka(features[i], features[j])`` (symmetric up to rounding; the diagonal is computed too, since
-    debiased CKA of a representation with itself is 1 only in expectation)."""
-    return [[cka(a, b, debiased) for b in features] for a in features]
+    """Symmetric CKA matrix of a list of (N, D_i) feature sets over the same N samples: entry [i][j] (i <= j) is
+    ``linear_cka(features[i], features[j])``, mirrored below the diagonal (CKA is symmetric; computing both
+    halves would double the cost for a last-bit difference). The diagonal is computed too: debiased CKA of a
+    representation with itself is 1 only in expectation."""
+    n = len(features)
+    matrix = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):
+            matrix[i][j] = matrix[j][i] = cka(features[i], features[j], debiased)
+    return matrix
 
 
 def evaluate(features: dict[str, dict[str, dict]], metrics: list[str], block_metrics: list[str], knn_ks: list[int], knn_temperature: float, kmeans_n_init: int,

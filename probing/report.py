@@ -31,6 +31,11 @@ def is_headline(metric: str) -> bool:
                 or metric.startswith(("knn_top5", "cka_", "synth_")))
 
 
+def lower_is_better(metric: str) -> bool:
+    """Distances, distance ratios and tightness: smaller is the better geometry."""
+    return any(word in metric for word in ("tightness", "_ratio", "_gap", "_dist_", "distance_"))
+
+
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
@@ -89,7 +94,8 @@ def best_layer_table(rows: list[dict[str, Any]]):
     for r in rows:
         if not r["against"] and is_headline(r["metric"]):
             groups.setdefault((r["backbone"], r["dataset"], r["metric"]), {})[r["layer"]] = r["value"]
-    table = Table(title="layer-wise: best block vs final embedding", show_header=True, header_style="bold")
+    table = Table(title="layer-wise: best block vs final embedding (best = lowest for distances, ratios, "
+                  "tightness)", show_header=True, header_style="bold")
     for column in ("backbone", "dataset", "metric", "best block", "value", "final"):
         text = column in ("backbone", "dataset", "metric")
         table.add_column(column, justify="left" if text else "right", overflow="fold" if text else "ellipsis")
@@ -97,6 +103,6 @@ def best_layer_table(rows: list[dict[str, Any]]):
         blocks = {k: v for k, v in by_layer.items() if k != "final" and not math.isnan(v)}
         if not blocks:
             continue
-        best = max(blocks, key=blocks.get)
+        best = (min if lower_is_better(metric) else max)(blocks, key=blocks.get)
         table.add_row(backbone, dataset, metric, best, _format(blocks[best]), _format(by_layer.get("final")))
     return table
