@@ -80,12 +80,28 @@ def cka_heatmaps(out_dir: Path, cka_section: dict[str, Any]) -> list[Path]:
         return _cka_heatmaps(out_dir, cka_section)
 
 
+def _readable(figure, matrix: torch.Tensor) -> None:
+    """A few backbones with long names: a larger figure, slanted labels and the values written in the cells."""
+    width, height = figure.get_size_inches()
+    figure.set_size_inches(max(width, 2.5 + 1.1 * len(matrix)), max(height, 2.0 + 0.9 * len(matrix)))
+    axis = figure.axes[0]
+    axis.tick_params(axis="x", labelrotation=30)
+    for label in axis.get_xticklabels():
+        label.set_horizontalalignment("right")
+    if len(matrix) <= 8:
+        for (i, j), value in zip(torch.cartesian_prod(torch.arange(len(matrix)), torch.arange(len(matrix))).tolist(),
+                                 matrix.flatten().tolist()):
+            axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                      color="black" if value > 0.6 else "white")
+    figure.tight_layout()
+
+
 def _cka_heatmaps(out_dir: Path, cka_section: dict[str, Any]) -> list[Path]:
     paths = []
     for dataset, entry in cka_section.get("backbones", {}).items():
-        names = entry["backbones"]
-        figure = cka_heatmap(torch.tensor(entry["matrix"]), f"CKA between backbones ({dataset})", "backbone",
-                             "backbone", names, names)
+        names, matrix = entry["backbones"], torch.tensor(entry["matrix"])
+        figure = cka_heatmap(matrix, f"CKA between backbones ({dataset})", "backbone", "backbone", names, names)
+        _readable(figure, matrix)
         paths.append(_save(figure, out_dir / f"cka_backbones_{slug(dataset)}.png"))
     for backbone, per_dataset in cka_section.get("layers", {}).items():
         for dataset, entry in per_dataset.items():
