@@ -44,6 +44,8 @@ def build_parser() -> ArgumentParser:
              "or dicts {name, init_args} / {class_path, init_args, label}.")
     add("--data_root", type=str | None, default=None,
         help="Passed as 'root' to DataModules that take one and were given none (e.g. where CIFAR files live).")
+    add("--download", type=bool, default=False,
+        help="Let DataModules that can download (CIFAR, MedMNIST) fetch missing files (needs the network).")
     add("--metrics", type=list[str], default=["knn", "kmeans", "linear", "fewshot", "hierarchy", "cka"],
         help="Metrics of the final embedding: knn, kmeans, linear, fewshot, hierarchy (data with super-classes), "
              "cka (between backbones on each dataset, and between layers with --layers).")
@@ -169,7 +171,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         blocks = resolve_blocks(cfg.layers, backbone.num_layers, entry.id)
         backbone_key = {"id": entry.default_id, **entry.cache_key(backbone.weights_fingerprint(), cfg.seed)}
         for dataset in datasets:
-            datamodule = dataset.build(backbone.preprocessing.to_dict(), common, cfg.data_root)
+            datamodule = dataset.build(backbone.preprocessing.to_dict(), common, cfg.data_root, cfg.download)
             modules.setdefault(dataset.label, datamodule)
             dataset_key = {"label": dataset.label, **dataset.cache_key(datamodule)}
             features.setdefault(entry.id, {})[dataset.label] = {

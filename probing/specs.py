@@ -27,7 +27,7 @@ MEDMNIST_CLASS_PATH = "datamodules.medmnist.MedMNISTDataModule"
 FOLDER_CLASS_PATH = "datamodules.folder.FolderDataModule"
 
 #: DataModule arguments that change how samples are loaded, never what they are: kept out of cache keys.
-LOADER_ONLY_ARGS = ("batch_size", "num_workers", "pin_memory")
+LOADER_ONLY_ARGS = ("batch_size", "num_workers", "pin_memory", "download")
 
 
 def slug(text: str) -> str:
@@ -120,20 +120,24 @@ class DatasetEntry:
     def datamodule_class(self) -> type:
         return import_class(self.class_path, f"dataset {self.label!r}")
 
-    def build(self, preprocessing: dict, common: dict[str, Any], data_root: str | None = None):
-        """The DataModule with the backbone's preprocessing; ``common`` args fill what ``init_args`` leave unset."""
+    def build(self, preprocessing: dict, common: dict[str, Any], data_root: str | None = None,
+              download: bool = False):
+        """The DataModule with the backbone's preprocessing; ``common`` args fill what ``init_args`` leave unset,
+        ``data_root`` / ``download`` go to DataModules that take ``root`` / ``download`` and were given none."""
         cls = self.datamodule_class()
         kwargs = {**common, **self.init_args, "preprocessing": preprocessing}
-        if data_root is not None and "root" not in kwargs and "root" in inspect.signature(cls).parameters:
+        accepted = inspect.signature(cls).parameters
+        if data_root is not None and "root" not in kwargs and "root" in accepted:
             kwargs["root"] = data_root
+        if download and "download" not in kwargs and "download" in accepted:
+            kwargs["download"] = True
         datamodule = cls(**kwargs)
         prepare_once(datamodule)
         datamodule.setup("predict")
         return datamodule
 
     def cache_key(self, datamodule) -> dict[str, Any]:
-        args = {k: v for k, v in datamodule_args(datamodule, self).items() if k not in LOADER_ONLY_ARGS}
-        return {"class_path": self.class_path, "init_args": args}
+        return {"class_path": self.class_path, "init_args": datamodule_args(datamodule, self)}
 
 
 def _plain(value: Any) -> bool:
@@ -170,7 +174,7 @@ def datamodule_args(datamodule, entry: DatasetEntry) -> dict[str, Any]:
             names |= {p.name for p in inspect.signature(cls.__init__).parameters.values()
                       if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     args = {}
-    for name in sorted(names - {"self", "preprocessing"}):
+    for name in sorted(names - {"self", "preprocessing", *LOADER_ONLY_ARGS}):
         value = getattr(datamodule, name, entry.init_args.get(name))
         if not _plain(value) or callable(value):
             value = entry.init_args.get(name)

@@ -11,8 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+from fakes import one_torch_thread  # noqa: F401  (the shared one-thread fixture applies here)
 
 import probe
 from probing.cache import FeatureCache
@@ -25,14 +25,6 @@ ARGS = ["--backbones", "[{name: convnext-tiny, weights: random, image_size: 32, 
         "--metrics", "[knn, kmeans]", "--knn_ks", "[5]", "--layers", "[1]", "--batch_size", "16",
         "--num_workers", "0", "--no_plots", "--no_progress", "--accelerator", "cpu"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and one thread is immune to a busy second core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def entries(cache_dir: Path) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes import one_torch_thread  # noqa: F401  (the shared one-thread fixture applies here)
 from PIL import Image
 
 import probe
@@ -38,14 +39,6 @@ def probe_args(run_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
             "--knn_ks", json.dumps(KNN_KS), "--num_workers", "0", "--batch_size", "64", "--embedding_map", "pca",
             "--seed", str(SEED), "--no_progress", *extra]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and one thread is immune to a busy second core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

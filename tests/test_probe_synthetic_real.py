@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from fakes import one_torch_thread  # noqa: F401  (the shared one-thread fixture applies here)
 from PIL import Image
 
 import probe
@@ -21,14 +22,6 @@ from probing.cache import FeatureCache
 GENERATED = {"circle": "ellipse", "square": "polygon", "star5": "star", "horizontal": "stripes",
              "donut": "ellipse"}  # donut: a sub-class the real set lacks, under a super-class it has
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and one thread is immune to a busy second core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
