@@ -82,7 +82,8 @@ def build_parser() -> ArgumentParser:
     add("--strategy", type=str, default="auto", help="Lightning strategy for extraction (e.g. ddp).")
     add("--num_nodes", type=int, default=1, help="Nodes for multi-node extraction.")
     add("--precision", type=str, default="32",
-        help="Autocast of the forward pass: 32, bf16 or fp16 (meant for GPUs); part of the cache key.")
+        help="Autocast of the forward pass: 32, bf16 or fp16 (also Lightning's bf16-mixed / 16-mixed; meant for "
+             "GPUs); part of the cache key.")
     add("--seed", type=int, default=0, help="Seed of subsets, random backbone weights, k-means and the probes.")
     add("--progress", action=ActionYesNo, default=True, help="Show progress bars.")
     return parser
@@ -127,7 +128,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     from callbacks.results import versions
     from probing.cache import FeatureCache
     from probing.evaluate import check_metrics, evaluate
-    from probing.extract import ExtractionRunner, FeatureCollector
+    from probing.extract import ExtractionRunner, FeatureCollector, normalise_precision
     from probing.specs import parse_backbone, parse_dataset, unique_labels
 
     started = time.time()
@@ -148,6 +149,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     for dataset in datasets:
         dataset.datamodule_class()  # a missing dataset module fails now, before any extraction
     pairs = check_pairs(cfg.synthetic_vs_real, [d.label for d in datasets])
+    cfg.precision = normalise_precision(cfg.precision)
 
     is_rank_zero = rank_zero_only.rank == 0
     run_dir = Path(cfg.runs_dir) / f"probe-{cfg.name or time.strftime('%Y%m%d-%H%M%S')}"

@@ -28,6 +28,18 @@ log = logging.getLogger(__name__)
 
 FINAL_LAYER = "final"
 AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: Lightning's spellings of the same choices.
+PRECISION_ALIASES = {"32-true": "32", "bf16-mixed": "bf16", "bf16-true": "bf16", "16-mixed": "fp16", "16": "fp16",
+                     "16-true": "fp16"}
+
+
+def normalise_precision(precision: str | int) -> str:
+    """``32``, ``bf16`` or ``fp16`` from any of their spellings (Lightning's ``bf16-mixed`` too)."""
+    precision = PRECISION_ALIASES.get(str(precision), str(precision))
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision must be one of {list(AUTOCAST_DTYPES)} (or {list(PRECISION_ALIASES)}), "
+                         f"got {precision!r}")
+    return precision
 
 
 def block_name(index: int) -> str:
@@ -122,8 +134,7 @@ class ExtractionRunner:
         if any(word in str(strategy) for word in ("spawn", "fork")):
             raise ValueError(f"strategy {strategy!r} extracts in processes whose features never come back; use "
                              "--strategy ddp (one process per device, launched from this script)")
-        if precision not in AUTOCAST_DTYPES:
-            raise ValueError(f"precision must be one of {list(AUTOCAST_DTYPES)}, got {precision!r}")
+        precision = normalise_precision(precision)
         if feature_dtype not in ("float32", "float16"):
             raise ValueError(f"feature_dtype must be float32 or float16, got {feature_dtype!r}")
         self.trainer_kwargs = {"accelerator": accelerator, "devices": devices, "strategy": strategy,

@@ -82,6 +82,11 @@ def test_bad_choices_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="use --strategy ddp"):
         probe.main([*base, "--strategy", "ddp_spawn", "--devices", "2"])
     assert not (tmp_path / "cache").exists()
+    with pytest.raises(ValueError, match="precision must be"):
+        probe.main([*base, "--precision", "fp8"])
+    from probing.extract import normalise_precision
+
+    assert [normalise_precision(p) for p in ("bf16-mixed", "16-mixed", 32, "bf16")] == ["bf16", "fp16", "32", "bf16"]
     assert probe.resolve_blocks("all", 4, "b") == [0, 1, 2, 3]
     assert probe.resolve_blocks([0, -1], 4, "b") == [0, 3] and probe.resolve_blocks("final", 4, "b") == []
     with pytest.raises(ValueError, match="does not exist"):
