@@ -196,8 +196,7 @@ class ContinualEval(L.Callback):
         values = None
         if trainer.is_global_zero:
             values = geometry_metrics(bank, query, self.geometry, self.knn_ks, self.knn_temperature,
-                                      self.kmeans_n_init, self.seed,
-                                      num_classes=len(datamodule.active_classes(experience)))
+                                      self.kmeans_n_init, self.seed)
         return trainer.strategy.broadcast(values, src=0)
 
     def _block_cka(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:

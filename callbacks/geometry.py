@@ -38,12 +38,12 @@ class GeometryBudgetError(MemoryError):
 
 
 def geometry_metrics(bank: dict, query: dict, metrics=("knn", "kmeans", "linear"), knn_ks=(10, 20, 100, 200),
-                     temperature: float = 0.07, kmeans_n_init: int = 3, seed: int = 0, novel: dict | None = None,
-                     num_classes: int | None = None) -> dict[str, float]:
+                     temperature: float = 0.07, kmeans_n_init: int = 3, seed: int = 0,
+                     novel: dict | None = None) -> dict[str, float]:
     """All requested metrics of one (bank, query) pair of feature dicts, as ``{name: float}``.
 
     kNN and the linear probe learn from the bank and are scored on the queries; k-means clusters the
-    queries into ``num_classes`` clusters; hierarchy metrics use the queries (plus the novel samples).
+    queries into as many clusters as they hold classes; hierarchy metrics use the queries (plus the novel samples).
     """
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
@@ -68,8 +68,8 @@ def geometry_metrics(bank: dict, query: dict, metrics=("knn", "kmeans", "linear"
     if "kmeans" in metrics:
         from geometry.kmeans import clustering_scores
 
-        n_clusters = num_classes or int(torch.unique(qy).numel())
-        n_clusters = min(n_clusters, len(qx))
+        # As many clusters as classes present in the queries (held-out novel sub-classes are not among them).
+        n_clusters = min(int(torch.unique(qy).numel()), len(qx))
         scores = clustering_scores(qx, qy, n_clusters=n_clusters, seed=seed, n_init=kmeans_n_init)
         out["kmeans_ari"], out["kmeans_nmi"] = scores["ari"], scores["nmi"]
     if "linear" in metrics:
@@ -202,7 +202,7 @@ class GeometryEval(L.Callback):
         if trainer.is_global_zero:
             values = geometry_metrics(
                 bank, query, self.metrics, self.knn_ks, self.knn_temperature, self.kmeans_n_init, self.seed,
-                novel=novel, num_classes=getattr(datamodule, "num_classes", None),
+                novel=novel,
             )
         values = trainer.strategy.broadcast(values, src=0)
         row = {"epoch": epoch, "step": trainer.global_step, "seconds": round(time.perf_counter() - start, 3),

@@ -44,7 +44,7 @@ def layer_metrics(splits: dict[str, dict[str, dict]], layer: str, metrics: list[
     for metric in (m for m in metrics if m in GEOMETRY_METRICS):
         try:
             out.update(geometry_metrics(splits["train"][layer], splits[query_split][layer], [metric], tuple(knn_ks),
-                                        knn_temperature, kmeans_n_init, seed, novel=novel, num_classes=None))
+                                        knn_temperature, kmeans_n_init, seed, novel=novel))
         except ValueError as error:
             log.warning("%s skipped on %s, layer %s: %s", metric, where, layer, error)
     return out

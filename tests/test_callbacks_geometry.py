@@ -53,7 +53,7 @@ def test_geometry_metrics_equal_direct_geometry_calls():
     by, qy = torch.arange(200) % 4, torch.arange(60) % 4
     bank = {"embedding": centers[by] + torch.randn(200, 16, generator=g), "label": by}
     query = {"embedding": centers[qy] + torch.randn(60, 16, generator=g), "label": qy}
-    got = geometry_metrics(bank, query, ("knn", "kmeans", "linear"), knn_ks=(10, 20), num_classes=4)
+    got = geometry_metrics(bank, query, ("knn", "kmeans", "linear"), knn_ks=(10, 20))
     knn = knn_accuracy(bank["embedding"], by, query["embedding"], qy, ks=(10, 20))
     assert got["knn_top1@10"] == knn[10] and got["knn_top1@20"] == knn[20]
     km = clustering_scores(query["embedding"], qy, n_clusters=4, seed=0, n_init=3)
