@@ -22,7 +22,7 @@ from bench.common import Result, timed
 from bench.quickstart import build_backbone, quickstart_config
 
 FULL = {"epochs": 10, "limit_data": None, "max_test": None}
-QUICK = {"epochs": 2, "limit_data": 96, "max_test": 64}
+QUICK = {"epochs": 2, "limit_data": 64, "max_test": 32}
 SEED = 0
 LR = 1e-3
 

@@ -22,8 +22,8 @@ from bench.quickstart import (
     quickstart_config,
 )
 
-FULL = {"epochs": 2, "limit_data": None, "knn_ks": None}
-QUICK = {"epochs": 1, "limit_data": 48, "knn_ks": [10, 20]}
+FULL = {"epochs": 2, "limit_data": None, "knn_ks": None, "data": {}}
+QUICK = {"epochs": 1, "limit_data": 32, "knn_ks": [10, 20], "data": {"val_fraction": 0.03}}
 TARGET = 0.15
 
 
@@ -52,7 +52,7 @@ def fit(size: dict, device: str, with_geometry: bool) -> dict:
     L.seed_everything(config.get("seed_everything", 0), verbose=False)
     args = model_args()
     datamodule = build_datamodule(resolve_preprocessing(args["backbone"], args.get("image_size")),
-                                  size["limit_data"])
+                                  size["limit_data"], **size["data"])
     model = import_class(config["model"]["class_path"])(**args, num_classes=datamodule.num_classes)
     clock = EpochClock()
     callbacks: list[L.Callback] = [clock]

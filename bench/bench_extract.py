@@ -15,7 +15,7 @@ from bench.common import Result, synchronize, timed
 from bench.quickstart import build_backbone, build_datamodule
 
 FULL = {"limit_data": None, "repeats": 2, "dinov2_batches": 20}
-QUICK = {"limit_data": 128, "repeats": 1, "dinov2_batches": 2}
+QUICK = {"limit_data": 64, "repeats": 1, "dinov2_batches": 2}
 TARGET = 0.8
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) by device-name fragment, from the vendors' data sheets.
 PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 756e12,

@@ -189,6 +189,14 @@ def markdown_table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS does not report it)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def machine_description(device: str) -> str:
     cpu = platform.processor() or platform.machine()
     try:

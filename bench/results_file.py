@@ -49,7 +49,7 @@ def _old_rows(section: str) -> dict[str, list[str]]:
 
 
 def render_section(device: str, results: list[Result], benchmarks_run: list[str], old_section: str,
-                   order: list[str]) -> str:
+                   order: list[str], loads: dict[str, tuple] | None = None) -> str:
     start, end = _markers(device)
     table = markdown_table(results).splitlines()
     new_rows = _old_rows("\n".join(table))
@@ -60,6 +60,11 @@ def render_section(device: str, results: list[Result], benchmarks_run: list[str]
     lines = [start, f"## {HEADINGS[device]}", "",
              f"Machine: {machine_description(device)}. Run {time.strftime('%Y-%m-%d %H:%M')}"
              f" ({', '.join(benchmarks_run)}).", ""]
+    if loads:
+        # Other work on the machine slows both sides, not always equally: say how busy it was.
+        lines += ["1-minute load average before -> after each benchmark: "
+                  + ", ".join(f"{name} {a:.1f} -> {b:.1f}" for name, (a, b) in loads.items()
+                              if a is not None and b is not None) + ".", ""]
     if kept:
         lines += [f"Rows of {', '.join(kept)} are from an earlier run.", ""]
     lines += table[:2] + merged + [end]
@@ -67,7 +72,7 @@ def render_section(device: str, results: list[Result], benchmarks_run: list[str]
 
 
 def update_results(path: Path, device: str, results: list[Result], benchmarks_run: list[str],
-                   order: list[str]) -> None:
+                   order: list[str], loads: dict[str, tuple] | None = None) -> None:
     """Rewrite ``device``'s section of ``path``; ``order`` = every benchmark id, in table order."""
     text = path.read_text() if path.exists() else TEMPLATE
     start, end = _markers(device)
@@ -75,5 +80,5 @@ def update_results(path: Path, device: str, results: list[Result], benchmarks_ru
         text = text.rstrip("\n") + "\n\n" + "\n".join([start, end]) + "\n"
     head, rest = text.split(start, 1)
     old_section, tail = rest.split(end, 1)
-    section = render_section(device, results, benchmarks_run, old_section, order)
+    section = render_section(device, results, benchmarks_run, old_section, order, loads)
     path.write_text(head + section + tail)

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     import torch
 
-    from bench.common import machine_description
+    from bench.common import load_average, machine_description
     from bench.results_file import update_results
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -61,11 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"fmprobe benchmarks ({'quick' if args.quick else 'full'}), {machine_description(args.device)}",
           flush=True)
-    results, failures = [], []
+    results, failures, loads = [], [], {}
     started = time.perf_counter()
     for name in [b for b in BENCHMARKS if b in args.only]:
         module = importlib.import_module(f"bench.bench_{name}")
         bench_started = time.perf_counter()
+        load_before = load_average()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # convergence and Lightning chatter; the line says what matters
@@ -80,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
             print(result.line(), flush=True)
             if not result.agrees:
                 failures.append(f"{name}: {result.what}: answers disagree ({result.agreement})")
-        print(f"[{name}] done in {time.perf_counter() - bench_started:.1f} s", flush=True)
+        loads[name] = (load_before, load_average())
+        print(f"[{name}] done in {time.perf_counter() - bench_started:.1f} s (1-min load "
+              f"{' -> '.join(f'{load:.1f}' for load in loads[name] if load is not None)})", flush=True)
         results += lines
     print(f"all done in {time.perf_counter() - started:.1f} s")
     if not args.quick:
         update_results(args.results, args.device, results, [b for b in BENCHMARKS if b in args.only],
-                       list(BENCHMARKS))
+                       list(BENCHMARKS), loads)
         print(f"wrote {args.results}")
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)
