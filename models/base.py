@@ -58,6 +58,9 @@ class BackboneModule(L.LightningModule):
         lr_scaling: How ``lr`` follows the effective batch size (per-device batch x devices x nodes x gradient
             accumulation) relative to ``lr_reference_batch_size``: ``none``, ``linear`` or ``sqrt``.
         lr_reference_batch_size: The batch size at which ``lr`` is meant as given.
+        freeze_norm_stats: Keep the backbone's BatchNorm running statistics as loaded (BatchNorm layers stay in
+            eval mode while their weights still train). Small, off-distribution data (digits on an ImageNet CNN)
+            otherwise re-estimates them and can wreck the zero-shot geometry in the first epoch.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class BackboneModule(L.LightningModule):
         on_nonfinite: str = "error",
         lr_scaling: str = "none",
         lr_reference_batch_size: int = 256,
+        freeze_norm_stats: bool = False,
     ):
         super().__init__()
         if scheduler not in ("cosine", "none"):
@@ -95,8 +99,17 @@ class BackboneModule(L.LightningModule):
             load_backbone_weights(self.backbone, init_backbone_from)
         self.num_classes = num_classes
         self.skipped_nonfinite_steps = 0
+        self.freeze_norm_stats = freeze_norm_stats
         # Lightning keeps the mode it is given: start in train mode (frozen parts stay in eval, see Backbone.train).
         self.train()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and getattr(self, "freeze_norm_stats", False):
+            for module in self.backbone.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's (B, D) embedding: what the geometry callbacks measure."""

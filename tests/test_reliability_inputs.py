@@ -154,3 +154,16 @@ def test_results_json_survives_sigkill_during_writes(tmp_path):
             content = json.loads(target.read_text())  # never truncated
             assert len(content["payload"]) == 20000
     assert target.exists()
+
+
+def test_freeze_norm_stats_keeps_batchnorm_statistics_while_weights_train():
+    module = ClassifierModule(num_classes=3, backbone="resnet50", weights="random", image_size=32,
+                              backbone_overrides={"layers": [1, 1, 1, 1], "base_width": 16}, freeze_norm_stats=True)
+    module.train()
+    norms = [m for m in module.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in norms]
+    loss = module(torch.randn(4, 3, 32, 32) * 5 + 3).sum()
+    loss.backward()
+    assert norms and all(not m.training for m in norms) and module.head.training
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
+    assert all(m.weight.grad is not None for m in norms)  # affine weights still learn
