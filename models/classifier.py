@@ -43,7 +43,24 @@ def resolve_multi_label(module, explicit: bool | None) -> bool:
     return bool(getattr(getattr(trainer, "datamodule", None), "multi_label", False))
 
 
-class ClassifierModule(BackboneModule):
+class SplitAccuracies:
+    """Train/val/test accuracy metrics that follow single- or multi-label data (ChestMNIST).
+
+    A module sets ``multi_label`` explicitly or leaves it None to follow its datamodule at ``setup``.
+    """
+
+    def _set_multi_label(self, multi_label: bool) -> None:
+        self.multi_label = multi_label
+        for split in ("train", "val", "test"):
+            setattr(self, f"{split}_acc", accuracy_metric(self.num_classes, multi_label))
+
+    def _follow_datamodule_labels(self) -> None:
+        multi_label = resolve_multi_label(self, self.hparams.multi_label)
+        if multi_label != self.multi_label:
+            self._set_multi_label(multi_label)
+
+
+class ClassifierModule(SplitAccuracies, BackboneModule):
     """Supervised classification on a backbone's embedding.
 
     Args:
@@ -69,15 +86,8 @@ class ClassifierModule(BackboneModule):
         self.label_smoothing = label_smoothing
         self._set_multi_label(bool(multi_label))
 
-    def _set_multi_label(self, multi_label: bool) -> None:
-        self.multi_label = multi_label
-        for split in ("train", "val", "test"):
-            setattr(self, f"{split}_acc", accuracy_metric(self.num_classes, multi_label))
-
     def setup(self, stage: str) -> None:
-        multi_label = resolve_multi_label(self, self.hparams.multi_label)
-        if multi_label != self.multi_label:
-            self._set_multi_label(multi_label)
+        self._follow_datamodule_labels()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(images))

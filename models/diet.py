@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import BackboneModule
-from models.classifier import accuracy_metric, classification_loss, resolve_multi_label
+from models.classifier import SplitAccuracies, classification_loss
 from models.heads import ProjectionHead
 
 #: (fraction of training, w_diet, w_probe): the seed's early / middle / late weights.
@@ -66,7 +66,7 @@ def assign_diet_classes(num_samples: int, num_diet_classes: int, seed: int) -> t
     return assignment
 
 
-class DIETModule(BackboneModule):
+class DIETModule(SplitAccuracies, BackboneModule):
     """DIET: a probe head and a DIET head over random per-sample classes, on a shared projection.
 
     Args:
@@ -115,16 +115,9 @@ class DIETModule(BackboneModule):
             self.diet_assignment = assign_diet_classes(num_train_samples, num_diet_classes, diet_seed)
         self._set_multi_label(bool(multi_label))
 
-    def _set_multi_label(self, multi_label: bool) -> None:
-        self.multi_label = multi_label
-        for split in ("train", "val", "test"):
-            setattr(self, f"{split}_acc", accuracy_metric(self.num_classes, multi_label))
-
     # -- setup and checkpoints --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        multi_label = resolve_multi_label(self, self.hparams.multi_label)
-        if multi_label != self.multi_label:
-            self._set_multi_label(multi_label)
+        self._follow_datamodule_labels()
         if stage == "fit" and self.diet_assignment.numel() == 0:
             size = self.hparams.num_train_samples or self._train_size()
             self.diet_assignment = assign_diet_classes(size, self.hparams.num_diet_classes, self.hparams.diet_seed)
