@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import Result, synchronize, timed
+from bench.common import Result, synchronize, timed, timed_pair
 from bench.quickstart import build_backbone, build_datamodule
 
-FULL = {"limit_data": None, "repeats": 2, "dinov2_batches": 20}
+FULL = {"limit_data": None, "repeats": 3, "dinov2_batches": 20}
 QUICK = {"limit_data": 64, "repeats": 1, "dinov2_batches": 2}
 TARGET = 0.8
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) by device-name fragment, from the vendors' data sheets.
@@ -80,10 +80,9 @@ def run(quick: bool, device: str) -> list[Result]:
     def through_loader():
         return extract(backbone.embed, datamodule.bank_dataloader(), device)
 
-    loader_t = timed(through_loader, device, warmup=lambda: pure_forward(backbone, images[:batch_size],
-                                                                        batch_size, device),
-                     repeats=size["repeats"])
-    pure_t = timed(lambda: pure_forward(backbone, images, batch_size, device), device, repeats=size["repeats"])
+    loader_t, pure_t = timed_pair(through_loader, lambda: pure_forward(backbone, images, batch_size, device),
+                                  device, repeats=size["repeats"],
+                                  warmup=lambda: pure_forward(backbone, images[:batch_size], batch_size, device))
     with torch.no_grad():
         expected = torch.cat([backbone.embed(c.to(device)).float().cpu() for c in images[:batch_size].split(8)])
     gap = float((loader_t.value["embedding"][:batch_size] - expected).abs().max())

@@ -66,6 +66,20 @@ def timed(fn: Callable[[], Any], device: str = "cpu", warmup: Callable[[], Any] 
     return Timing(best, value, peak, device_peak)
 
 
+def timed_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], device: str = "cpu", repeats: int = 2,
+               warmup: Callable[[], Any] | None = None) -> tuple[Timing, Timing]:
+    """Time two calls alternately (a, b, a, b, ...), each keeping its best: a ratio of the two then suffers
+    less from other work that comes and goes on a shared machine than two back-to-back blocks of runs."""
+    if warmup is not None:
+        warmup()
+        synchronize(device)
+    a_runs, b_runs = [], []
+    for _ in range(repeats):
+        a_runs.append(timed(fn_a, device))
+        b_runs.append(timed(fn_b, device))
+    return min(a_runs, key=lambda t: t.seconds), min(b_runs, key=lambda t: t.seconds)
+
+
 # -- memory -----------------------------------------------------------------------------------------
 def _status_mb(field_name: str) -> float | None:
     try:
