@@ -192,14 +192,19 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
 def markdown_table(results: list[Result]) -> str:
     rows = ["| id | what | fmprobe | reference | ratio | target | met | agreement | peak RSS (MB above start) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         met = "—" if r.met is None else ("yes" if r.met else "**no**")
         memory = "; ".join(f"{name} {mb:,.0f}" for name, mb in r.peak_mb.items()) or "—"
-        rows.append(f"| {r.bench} | {r.what} | {format_seconds(r.ours_s)} | {format_seconds(r.ref_s)} | "
-                    f"{r.ratio:.2f} {r.ratio_kind} | {r.target} | {met} | {r.agreement} | {memory} |")
+        rows.append(f"| {r.bench} | {_cell(r.what)} | {format_seconds(r.ours_s)} | {format_seconds(r.ref_s)} | "
+                    f"{r.ratio:.2f} {_cell(r.ratio_kind)} | {r.target} | {met} | {_cell(r.agreement)} | "
+                    f"{_cell(memory)} |")
     return "\n".join(rows)
 
 
