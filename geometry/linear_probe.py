@@ -32,6 +32,9 @@ from geometry.common import as_features, as_labels, column_means
 DEFAULT_L2_GRID = tuple(10.0**e for e in range(-7, 1))
 _ARMIJO = 1e-4  # sufficient-decrease constant of the backtracking line search
 _MAX_BACKTRACKS = 30
+# On CPU the (rows x D) @ (D x G*C) logits matmul runs ~1.6x faster in blocks of this many rows when G*C is
+# narrow (measured 2 cores, AVX2: 101 vs 64 GFLOP/s at 1024 vs 4096+ rows, D=768, C=100).
+_CPU_FORWARD_ROWS = 1024
 _LOGIT_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -62,6 +65,23 @@ def _check_l2(l2) -> list[float]:
     return values
 
 
+def _logits(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """x @ w + b, on CPU computed in row blocks (see _CPU_FORWARD_ROWS)."""
+    if x.device.type != "cpu" or x.shape[0] <= _CPU_FORWARD_ROWS:
+        return torch.addmm(b, x, w)
+    out = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
+    for start in range(0, x.shape[0], _CPU_FORWARD_ROWS):
+        torch.addmm(b, x[start : start + _CPU_FORWARD_ROWS], w, out=out[start : start + _CPU_FORWARD_ROWS])
+    return out
+
+
+def _stacked(params: Tensor, d: int, c: int) -> tuple[Tensor, Tensor]:
+    """Rows [W (D x C) flattened, b (C)] of A heads as one (D, A x C) weight and (1, A x C) bias."""
+    a = params.shape[0]
+    w = params[:, : d * c].view(a, d, c).permute(1, 0, 2).reshape(d, a * c)
+    return w, params[:, d * c :].reshape(1, a * c)
+
+
 def _loss_and_grad(x: Tensor, target: Tensor, params: Tensor, l2: Tensor, n_classes: int,
                    step: int) -> tuple[Tensor, Tensor]:
     """Losses (A,) float64 and gradients (A, P) of A heads; params rows = [W (D x C) flattened, b (C)].
@@ -72,15 +92,14 @@ def _loss_and_grad(x: Tensor, target: Tensor, params: Tensor, l2: Tensor, n_clas
     n, d = x.shape
     a, c = params.shape[0], n_classes
     w_flat = params[:, : d * c]
-    w = w_flat.view(a, d, c).permute(1, 0, 2).reshape(d, a * c)
-    b = params[:, d * c :].reshape(1, a * c)
+    w, b = _stacked(params, d, c)
     # float64 sums: the line search compares losses that differ by ~|grad|^2 near the optimum.
     loss = 0.5 * l2.double() * w_flat.pow(2).sum(dim=1, dtype=torch.float64)
     grad_w = torch.zeros(d, a * c, dtype=x.dtype, device=x.device)
     grad_b = torch.zeros(a * c, dtype=x.dtype, device=x.device)
     for start in range(0, n, step):
         xb, tb = x[start : start + step], target[start : start + step]
-        logits = torch.addmm(b, xb, w).view(-1, a, c)
+        logits = _logits(xb, w, b).view(-1, a, c)
         true_class = tb.view(-1, 1, 1).expand(-1, a, 1)
         true_logit = logits.gather(2, true_class)
         top = logits.amax(dim=2, keepdim=True)
