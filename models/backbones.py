@@ -99,10 +99,15 @@ class Backbone(nn.Module):
 
     The module is returned in eval mode; Lightning switches it to train mode when fitting, and frozen parts
     stay in eval mode regardless.
+
+    Convolutional networks (more than two 2-D convolutions, so not a ViT's patch embedding) keep their weights
+    and inputs in channels-last memory layout, which oneDNN and cuDNN run faster: on 2 CPU cores
+    EfficientNet-Lite0 at 64 px extracted ~1.4x and trained ~1.3x more images/s, ResNet50 and ConvNeXt-T
+    ~1.1-1.2x. ``channels_last=False`` turns it off; embeddings agree to float rounding either way.
     """
 
     def __init__(self, name: str, weights: str = "pretrained", freeze: str = "none", image_size: int | None = None,
-                 trust_remote_code: bool = False, **overrides):
+                 trust_remote_code: bool = False, channels_last: bool | None = None, **overrides):
         super().__init__()
         spec: BackboneSpec = resolve_spec(name)
         parse_freeze(freeze)  # reject a malformed policy before spending time on a download
@@ -111,6 +116,11 @@ class Backbone(nn.Module):
         self._overrides = dict(overrides)
         self._spec, self._family = spec, FAMILIES[spec.library]
         self.model: nn.Module = self._family.build(spec, self.weights, image_size, overrides, trust_remote_code)
+        if channels_last is None:
+            channels_last = sum(isinstance(m, nn.Conv2d) for m in self.model.modules()) > 2
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
         container, self._units = self._family.blocks(self.model, spec)
         self.num_layers: int = len(self._units)
@@ -131,14 +141,14 @@ class Backbone(nn.Module):
 
     def embed(self, images: Tensor) -> Tensor:
         """(B, embed_dim) image embeddings with the family's pooling (see the module docstring)."""
-        return self._family.embed(self.model, self._spec, images)
+        return self._family.embed(self.model, self._spec, self._layout(images))
 
     def layers(self, images: Tensor) -> list[Tensor]:
         """One pooled (B, D_l) feature per block, in forward order; `len == num_layers`."""
         if not self._units:
             raise ValueError(f"Backbone '{self.name}': could not find its blocks, so per-block features are "
                              "unavailable.")
-        features = self._family.layers(self.model, self._spec, images, self._units, self._pool_block)
+        features = self._family.layers(self.model, self._spec, self._layout(images), self._units, self._pool_block)
         if len(features) != self.num_layers:
             raise RuntimeError(f"Backbone '{self.name}': got {len(features)} block outputs for "
                                f"{self.num_layers} blocks")
@@ -146,7 +156,12 @@ class Backbone(nn.Module):
 
     def imagenet_logits(self, images: Tensor) -> Tensor:
         """ImageNet-1k logits from the pretrained classifier (timm backbones such as efficientnet-lite0)."""
-        return self._family.imagenet_logits(self.model, images)
+        return self._family.imagenet_logits(self.model, self._layout(images))
+
+    def _layout(self, images: Tensor) -> Tensor:
+        if self.channels_last and images.dim() == 4:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def _pool_block(self, features: Tensor) -> Tensor:
         if features.dim() == 4:  # conv feature map (B, C, H, W)

@@ -249,3 +249,25 @@ def test_deep_copy_reads_its_own_blocks():
         moved = backbone.layers(x)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert not torch.equal(moved[-1], after[-1])
+
+
+CONVNETS = {"convnext-tiny", "resnet50", "efficientnet-lite0"}
+
+
+def test_convnets_run_channels_last_with_the_same_embeddings(case):
+    """Conv nets keep weights and inputs channels-last (faster on oneDNN / cuDNN); ViTs are left alone."""
+    torch.manual_seed(0)
+    default = build(case)
+    torch.manual_seed(0)
+    plain = build(case, channels_last=False)
+    assert default.channels_last == (case.name in CONVNETS)
+    conv_weights = [p for p in default.model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    if default.channels_last:
+        assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights)
+    assert not plain.channels_last
+    assert all(p.is_contiguous() for p in plain.model.parameters())
+    x = images(case)
+    torch.testing.assert_close(default.embed(x), plain.embed(x), rtol=1e-4, atol=1e-5)
+    for ours, theirs in zip(default.layers(x), plain.layers(x)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert default.weights_fingerprint() == plain.weights_fingerprint()
