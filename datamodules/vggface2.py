@@ -17,10 +17,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
-from torchvision.transforms import v2
 
-from datamodules.base import Splits, _preprocessing_values, build_transform
+from datamodules.base import EvalTransform, Splits, build_transform, preprocessing_values
 from datamodules.folder import IMAGE_EXTENSIONS, FileSource, FolderDataModule
 
 
@@ -95,9 +93,7 @@ class VGGFace2DataModule(FolderDataModule):
     def eval_transform(self):
         if not self.center_crop:
             return super().eval_transform()
-        size, mean, std = _preprocessing_values(self.preprocessing)
-        return v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True), v2.CenterCrop(size),
-                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))])
+        return EvalTransform(*preprocessing_values(self.preprocessing), center_crop=True)
 
     def train_transform(self):
         if self.augmentation_strength == 0:

@@ -87,6 +87,27 @@ def test_palette_image_converts():
     assert tuple(np.asarray(to_rgb_image(image))[0, 0]) == (10, 20, 30)
 
 
+@pytest.mark.parametrize("size", [(8, 8), (50, 70), (97, 31)])
+@pytest.mark.parametrize("center_crop", [False, True])
+def test_eval_transform_equals_the_torchvision_v2_pipeline(size, center_crop):
+    """EvalTransform calls the v2 kernels directly (speed); its output must be the Compose's, bit for bit."""
+    from torchvision.transforms import v2
+
+    from datamodules.base import EvalTransform
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), mode="RGB")
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    resize = [v2.Resize(48, antialias=True), v2.CenterCrop(48)] if center_crop else [
+        v2.Resize((48, 48), antialias=True)]
+    reference = v2.Compose([v2.PILToTensor(), *resize, v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize(mean=mean, std=std)])
+    ours = EvalTransform(48, mean, std, center_crop=center_crop)
+    assert torch.equal(ours(image), reference(image))
+    if not center_crop:
+        assert torch.equal(build_transform({"input_size": 48, "mean": mean, "std": std}, 0)(image), reference(image))
+
+
 def test_transform_outputs_input_size():
     t = build_transform(PREP, 2)
     out = t(Image.new("RGB", (50, 70), (255, 0, 0)))
