@@ -14,6 +14,11 @@ from torch import Tensor
 _CPU_BLOCK_ELEMENTS = 1 << 25
 _ACCELERATOR_BLOCK_ELEMENTS = 1 << 28
 
+# On CPU a (rows x D) @ (D x K) matmul with a narrow K runs fastest in blocks of about this many rows (2-core
+# AVX2, D=768, 50k rows in one call vs 1024-row blocks: K=100 68 -> 122 GFLOP/s, K=300 92 -> 139, K=800
+# 107 -> 132): k-means assignment and the linear probe's logits use it.
+CPU_GEMM_ROWS = 1024
+
 DISTANCES = ("cosine", "euclidean")
 
 
@@ -52,14 +57,20 @@ def check_distance(distance: str) -> None:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
 
 
-def rows_per_chunk(n_columns: int, device: torch.device, chunk_size: int | None = None) -> int:
-    """Rows of a (rows x n_columns) block that fit the device's element budget, unless the caller fixed it."""
+def rows_per_chunk(n_columns: int, device: torch.device, chunk_size: int | None = None,
+                   narrow_gemm: bool = False) -> int:
+    """Rows of a (rows x n_columns) block that fit the device's element budget, unless the caller fixed it.
+
+    ``narrow_gemm``: the block is the output of a matmul with few columns; on CPU it is capped at
+    ``CPU_GEMM_ROWS`` rows, where such matmuls run fastest.
+    """
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         return int(chunk_size)
     budget = _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _ACCELERATOR_BLOCK_ELEMENTS
-    return max(1, budget // max(1, n_columns))
+    rows = max(1, budget // max(1, n_columns))
+    return min(rows, CPU_GEMM_ROWS) if narrow_gemm and device.type == "cpu" else rows
 
 
 def column_means(x: Tensor, chunk_rows: int = 8192) -> Tensor:
@@ -78,7 +89,14 @@ def squared_euclidean(a: Tensor, b: Tensor, a_sq: Tensor | None = None, b_sq: Te
     """(len(a), len(b)) squared distances by the |a|^2 - 2ab + |b|^2 expansion (one matmul), clamped at 0."""
     a_sq = squared_norms(a) if a_sq is None else a_sq
     b_sq = squared_norms(b) if b_sq is None else b_sq
-    d2 = torch.addmm(b_sq.unsqueeze(0), a, b.T, alpha=-2.0)
+    if a.device.type == "cpu" and a.shape[0] > CPU_GEMM_ROWS and b.shape[0] <= CPU_GEMM_ROWS:
+        # few columns (k-means++ candidates): row blocks, ~1.3x faster than one call (50k x 768 @ 768 x 18)
+        d2 = torch.empty(a.shape[0], b.shape[0], dtype=a.dtype)
+        for start in range(0, a.shape[0], CPU_GEMM_ROWS):
+            rows = slice(start, start + CPU_GEMM_ROWS)
+            torch.addmm(b_sq.unsqueeze(0), a[rows], b.T, alpha=-2.0, out=d2[rows])
+    else:
+        d2 = torch.addmm(b_sq.unsqueeze(0), a, b.T, alpha=-2.0)
     return d2.add_(a_sq.unsqueeze(1)).clamp_(min=0.0)
 
 

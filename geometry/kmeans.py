@@ -59,7 +59,7 @@ def _assign(x: Tensor, x_sq: Tensor, centers: Tensor, chunk_size: int | None) ->
     neg_half_c_sq = squared_norms(flat).mul_(-0.5)
     labels = torch.empty(x.shape[0], n_restarts, dtype=torch.long, device=x.device)
     min_d2 = torch.empty(x.shape[0], n_restarts, dtype=x.dtype, device=x.device)
-    step = rows_per_chunk(n_restarts * k, x.device, chunk_size)
+    step = rows_per_chunk(n_restarts * k, x.device, chunk_size, narrow_gemm=True)
     for start in range(0, x.shape[0], step):
         stop = min(start + step, x.shape[0])
         # argmin |x - c|^2 = argmax (x.c - |c|^2 / 2): one matmul, |x|^2 only added to the winners.
