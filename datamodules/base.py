@@ -117,6 +117,11 @@ class EvalTransform:
 
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], center_crop: bool = False):
         self.size, self.mean, self.std, self.center_crop = int(size), list(mean), list(std), center_crop
+        if not all(self.std):
+            raise ValueError(f"std must be non-zero, got {self.std}")
+        # normalize_image's operands, built once (it converts the lists on every call)
+        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         x = F.pil_to_tensor(image)
@@ -124,7 +129,8 @@ class EvalTransform:
             x = F.center_crop_image(F.resize_image(x, [self.size], antialias=True), [self.size, self.size])
         else:
             x = F.resize_image(x, [self.size, self.size], antialias=True)
-        return F.normalize_image(F.to_dtype_image(x, torch.float32, scale=True), self.mean, self.std)
+        # to_dtype_image(scale=True) then normalize_image, op for op
+        return x.to(torch.float32).mul_(1.0 / 255).sub_(self._mean).div_(self._std)
 
     def __repr__(self) -> str:
         return (f"EvalTransform(size={self.size}, mean={self.mean}, std={self.std}"
