@@ -69,17 +69,18 @@ class Family:
         """Regexes of parameters `embed` never uses; they stay frozen so DDP sees no unused parameters."""
         return (r"(^|\.)mask_token$", *spec.unused_parameters)
 
-    def layers(self, model: nn.Module, spec: BackboneSpec, images: Tensor, units: Units,
-               pool: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    def embed_and_layers(self, model: nn.Module, spec: BackboneSpec, images: Tensor, units: Units,
+                         pool: Callable[[Tensor], Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """The embedding and each block's pooled output, from one forward pass (hooks on the blocks)."""
         captured: list[Tensor] = []
         handles = [unit[-1].register_forward_hook(lambda _m, _i, out: captured.append(first_output(out)))
                    for unit in units]
         try:
-            self.embed(model, spec, images)
+            embedding = self.embed(model, spec, images)
         finally:
             for handle in handles:
                 handle.remove()
-        return [pool(features) for features in captured]
+        return embedding, [pool(features) for features in captured]
 
     def imagenet_logits(self, model: nn.Module, images: Tensor) -> Tensor:
         raise NotImplementedError("This backbone keeps no ImageNet classifier (only timm backbones do).")

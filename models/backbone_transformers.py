@@ -196,8 +196,9 @@ class MambaVisionFamily(TransformersFamily):
     def embed(self, model, spec, images):
         return first_output(model(images)).flatten(1)
 
-    def layers(self, model, spec, images, units, pool):
-        return [pool(stage) for stage in model(images)[1]]
+    def embed_and_layers(self, model, spec, images, units, pool):
+        pooled, stages = model(images)[:2]
+        return pooled.flatten(1), [pool(stage) for stage in stages]
 
     def blocks(self, model, spec):
         return "model.levels", [[level] for level in model.model.levels]

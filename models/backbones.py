@@ -145,14 +145,19 @@ class Backbone(nn.Module):
 
     def layers(self, images: Tensor) -> list[Tensor]:
         """One pooled (B, D_l) feature per block, in forward order; `len == num_layers`."""
+        return self.embed_and_layers(images)[1]
+
+    def embed_and_layers(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """``(embed(images), layers(images))`` from a single forward pass."""
         if not self._units:
             raise ValueError(f"Backbone '{self.name}': could not find its blocks, so per-block features are "
                              "unavailable.")
-        features = self._family.layers(self.model, self._spec, self._layout(images), self._units, self._pool_block)
+        embedding, features = self._family.embed_and_layers(self.model, self._spec, self._layout(images),
+                                                            self._units, self._pool_block)
         if len(features) != self.num_layers:
             raise RuntimeError(f"Backbone '{self.name}': got {len(features)} block outputs for "
                                f"{self.num_layers} blocks")
-        return features
+        return embedding, features
 
     def imagenet_logits(self, images: Tensor) -> Tensor:
         """ImageNet-1k logits from the pretrained classifier (timm backbones such as efficientnet-lite0)."""

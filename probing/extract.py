@@ -86,10 +86,11 @@ class FeatureExtractor(L.LightningModule):
 
     def _stacked(self, images: torch.Tensor) -> torch.Tensor:
         """The final embedding and the chosen blocks side by side, so one ``extract`` call handles them all."""
-        outputs = [self.backbone.embed(images)]
-        if self.blocks:
-            per_block = self.backbone.layers(images)
-            outputs += [per_block[i] for i in self.blocks]
+        if self.blocks:  # one forward pass for the embedding and the blocks
+            embedding, per_block = self.backbone.embed_and_layers(images)
+            outputs = [embedding] + [per_block[i] for i in self.blocks]
+        else:
+            outputs = [self.backbone.embed(images)]
         self.dims = [int(o.shape[1]) for o in outputs]
         return torch.cat([o.float() for o in outputs], dim=1)
 

@@ -99,6 +99,9 @@ def test_embed_layers_and_preprocessing(case):
     features = backbone.layers(x)
     assert backbone.num_layers == len(case.blocks) == len(features)
     assert all(f.dim() == 2 and f.shape[0] == 2 and torch.isfinite(f).all() for f in features)
+    one_pass, one_pass_features = backbone.embed_and_layers(x)  # what probe.py --layers uses
+    assert torch.equal(one_pass, embedding)
+    assert all(torch.equal(a, b) for a, b in zip(one_pass_features, features, strict=True))
     expected = Preprocessing(case.size, case.mean, case.std)
     assert backbone.preprocessing == expected == resolve_preprocessing(case.name, case.size)
     assert backbone.preprocessing["input_size"] == case.size

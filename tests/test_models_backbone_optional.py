@@ -243,6 +243,9 @@ def test_mambavision_code_path_on_a_remote_code_stand_in(mamba_repo, caplog):
         # the model's own average-pooled output (Backbone runs conv nets channels-last: float rounding apart)
         torch.testing.assert_close(backbone.embed(x), reference(x)[0], rtol=1e-5, atol=1e-6)
         stages = backbone.layers(x)
+        one_pass, one_pass_stages = backbone.embed_and_layers(x)
+        assert torch.equal(one_pass, backbone.embed(x))
+        assert all(torch.equal(a, b) for a, b in zip(one_pass_stages, stages, strict=True))
     assert backbone.embed_dim == 64 and backbone.num_layers == 4
     assert [tuple(s.shape) for s in stages] == [(2, 8), (2, 16), (2, 32), (2, 64)]
     assert backbone.preprocessing.input_size == 32
