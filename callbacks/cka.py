@@ -79,7 +79,7 @@ class LayerCKA(L.Callback):
         return gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, full: bool = False) -> list[float]:
-        from geometry.cka import linear_cka
+        from geometry.cka import linear_cka, linear_cka_matrix
 
         features = self._features(trainer, pl_module)
         n_blocks = sum(key.startswith("now") for key in features)
@@ -88,8 +88,8 @@ class LayerCKA(L.Callback):
             values = [linear_cka(features[f"now{i}"], features[f"initial{i}"], debiased=self.debiased)
                       for i in range(n_blocks)]
             if full:
-                matrix = [[linear_cka(features[f"now{i}"], features[f"initial{j}"], debiased=self.debiased)
-                           for j in range(n_blocks)] for i in range(n_blocks)]
+                matrix = linear_cka_matrix([features[f"now{i}"] for i in range(n_blocks)],
+                                           [features[f"initial{j}"] for j in range(n_blocks)], debiased=self.debiased)
         values, matrix = trainer.strategy.broadcast((values, matrix), src=0)
         self.history = [r for r in self.history if r["epoch"] != epoch] + [{"epoch": epoch, "cka": values}]
         if matrix is not None:

@@ -6,6 +6,7 @@
   For n below about half the dimensions the n x n Gram form is the smaller one and is used instead.
 - ``debiased=True``: the unbiased HSIC estimator of Song et al. (2012) in place of the plug-in one,
   Kornblith's "debiased CKA"; close to 0 for independent representations, and may be negative.
+- ``linear_cka_matrix``: every pair of two lists of representations (layer x layer), one Gram per layer.
 - ``rbf_cka``: Gaussian-kernel CKA for small n (builds n x n Grams; refuses n > ``max_samples``).
 - ``MinibatchCKA``: Nguyen et al. (2021): the mean of per-minibatch unbiased HSIC terms, accumulated in a
   4-element state tensor that ranks can all-reduce (sum) before ``compute()``.
@@ -19,7 +20,7 @@ run in the input precision (float64 in, float64 throughout).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -111,6 +112,45 @@ def linear_cka(x, y, debiased: bool = False, chunk_size: int | None = None) -> f
                 "xx": unbiased(hsic["xx"], row_sq_x, row_sq_x, sq_norm_x, sq_norm_x),
                 "yy": unbiased(hsic["yy"], row_sq_y, row_sq_y, sq_norm_y, sq_norm_y)}
     return _ratio(hsic["xy"], hsic["xx"], hsic["yy"])
+
+
+def linear_cka_matrix(xs: Sequence, ys: Sequence | None = None, debiased: bool = False,
+                      max_gram_bytes: float = 2**30) -> list[list[float]]:
+    """``[[linear_cka(x, y) for y in ys] for x in xs]`` (``ys`` defaults to ``xs``), all over the same N samples.
+
+    Layer x layer CKA: each representation's centred N x N Gram is built once and every entry is one inner
+    product of two Grams (a single (L, N^2) x (N^2, L') matmul), instead of one Gram or three d x d products
+    per pair. Used while the L + L' float64 Grams fit ``max_gram_bytes``; beyond, pair by pair with
+    ``linear_cka`` (exact for any N, O(d^2) memory). Same values as ``linear_cka`` to float64 rounding.
+    """
+    xs = [as_features(x, "xs") for x in xs]
+    same = ys is None
+    ys = xs if same else [as_features(y, "ys") for y in ys]
+    if not xs or not ys:
+        raise ValueError("linear_cka_matrix needs at least one representation on each side")
+    n = xs[0].shape[0]
+    if any(f.shape[0] != n for f in (*xs, *ys)):
+        raise ValueError(f"all representations must hold the same samples, got sizes "
+                         f"{sorted({f.shape[0] for f in (*xs, *ys)})}")
+    count = len(xs) + (0 if same else len(ys))
+    if count * n * n * 8 > max_gram_bytes:
+        return [[linear_cka(x, y, debiased=debiased) for y in ys] for x in xs]
+    _pair(xs[0], ys[0])  # the sample-count check
+
+    def centred_grams(features: list[Tensor]) -> Tensor:
+        grams = torch.empty(len(features), n * n, dtype=torch.float64, device=features[0].device)
+        for i, f in enumerate(features):
+            fc = (f - column_means(f).to(f.dtype)).double()
+            grams[i] = _center_gram(fc @ fc.T, debiased).flatten()
+        return grams
+
+    gx = centred_grams(xs)
+    gy = gx if same else centred_grams(ys).to(gx.device)
+    cross = (gx @ gy.T).cpu()
+    self_x = (gx * gx).sum(dim=1).cpu()
+    self_y = self_x if same else (gy * gy).sum(dim=1).cpu()
+    return [[_ratio(float(cross[i, j]), float(self_x[i]), float(self_y[j])) for j in range(len(ys))]
+            for i in range(len(xs))]
 
 
 def _rbf_gram(x: Tensor, sigma: float | None, median_fraction: float) -> Tensor:

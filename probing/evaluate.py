@@ -50,27 +50,17 @@ def layer_metrics(splits: dict[str, dict[str, dict]], layer: str, metrics: list[
     return out
 
 
-def cka(x: torch.Tensor, y: torch.Tensor, debiased: bool) -> float:
-    from geometry.cka import linear_cka
-
-    return float(linear_cka(x.float(), y.float(), debiased=debiased))
-
-
 def same_samples(a: dict, b: dict) -> bool:
     return len(a["index"]) == len(b["index"]) and torch.equal(a["index"], b["index"])
 
 
 def cka_matrix(features: list[torch.Tensor], debiased: bool) -> list[list[float]]:
-    """Symmetric CKA matrix of a list of (N, D_i) feature sets over the same N samples: entry [i][j] (i <= j) is
-    ``linear_cka(features[i], features[j])``, mirrored below the diagonal (CKA is symmetric; computing both
-    halves would double the cost for a last-bit difference). The diagonal is computed too: debiased CKA of a
-    representation with itself is 1 only in expectation."""
-    n = len(features)
-    matrix = [[0.0] * n for _ in range(n)]
-    for i in range(n):
-        for j in range(i, n):
-            matrix[i][j] = matrix[j][i] = cka(features[i], features[j], debiased)
-    return matrix
+    """Symmetric CKA matrix of a list of (N, D_i) feature sets over the same N samples (``linear_cka`` of every
+    pair; ``geometry.cka.linear_cka_matrix`` builds each set's Gram once). The diagonal is computed too:
+    debiased CKA of a representation with itself is 1 only in expectation."""
+    from geometry.cka import linear_cka_matrix
+
+    return linear_cka_matrix([f.float() for f in features], debiased=debiased)
 
 
 def evaluate(features: dict[str, dict[str, dict]], metrics: list[str], block_metrics: list[str], knn_ks: list[int], knn_temperature: float, kmeans_n_init: int,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from geometry.cka import MinibatchCKA, linear_cka, rbf_cka
+from geometry.cka import MinibatchCKA, linear_cka, linear_cka_matrix, rbf_cka
 
 
 # --- reference: Kornblith et al.'s published numpy code (Gram-matrix form), float64 -----------------------------
@@ -76,6 +76,30 @@ def test_linear_cka_matches_kornblith(n, debiased):
     x, y = related_pair(n)
     ref = cka_reference(gram_linear(x.astype(np.float64)), gram_linear(y.astype(np.float64)), debiased=debiased)
     assert linear_cka(t(x), t(y), debiased=debiased) == pytest.approx(ref, abs=1e-5)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("budget", [2**30, 0])  # the one-Gram-per-layer path, and the pair-by-pair fallback
+def test_linear_cka_matrix_matches_kornblith_entry_by_entry(debiased, budget):
+    x, y = related_pair(120, dx=24, dy=16, seed=1)
+    rng = np.random.default_rng(2)
+    layers = [x, y, rng.normal(size=(120, 40)).astype(np.float32), x @ rng.normal(size=(24, 24)).astype(np.float32)]
+    others = layers[1:3]
+    grams = [gram_linear(f.astype(np.float64)) for f in layers]
+    square = linear_cka_matrix([t(f) for f in layers], debiased=debiased, max_gram_bytes=budget)
+    cross = linear_cka_matrix([t(f) for f in layers], [t(f) for f in others], debiased=debiased,
+                              max_gram_bytes=budget)
+    assert len(square) == 4 and all(len(row) == 4 for row in square)
+    assert len(cross) == 4 and all(len(row) == 2 for row in cross)
+    for i in range(4):
+        for j in range(4):
+            assert square[i][j] == pytest.approx(cka_reference(grams[i], grams[j], debiased), abs=1e-6)
+        for j in range(2):
+            assert cross[i][j] == pytest.approx(cka_reference(grams[i], grams[j + 1], debiased), abs=1e-6)
+    if not debiased:
+        assert square[0][0] == pytest.approx(1.0) and square[0][3] < 1.0
+    with pytest.raises(ValueError, match="same samples"):
+        linear_cka_matrix([t(x), t(y[:50])])
 
 
 def test_linear_cka_chunked_over_samples_matches():

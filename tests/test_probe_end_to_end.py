@@ -100,7 +100,7 @@ def cached(cache_dir: Path, backbone: str, dataset: str, split: str, layer: str)
 
 @pytest.mark.parametrize("layer", ["final", "block01"])
 def test_csv_numbers_equal_geometry_on_the_same_features(first_run, layer):
-    from geometry.cka import linear_cka
+    from geometry.cka import linear_cka, linear_cka_matrix
     from geometry.fewshot import fewshot_accuracy
     from geometry.hierarchy import hierarchy_metrics
     from geometry.kmeans import clustering_scores
@@ -143,13 +143,16 @@ def test_csv_numbers_equal_geometry_on_the_same_features(first_run, layer):
                        "synthetic", "test", "final")
         if layer == "final":
             other_label = "vit-b16@random" if backbone.startswith("convnext") else "convnext-tiny@tiny"
-            # One triangle is computed, the other mirrored: CKA is symmetric up to the last bit.
-            expected = linear_cka(query["embedding"], other["embedding"])
-            assert csv("cka_backbones", other_label) == pytest.approx(expected, rel=1e-12)
+            # One Gram per representation (linear_cka_matrix), one triangle mirrored; the same number as the
+            # pairwise feature-space linear_cka up to its float32 products.
+            expected = linear_cka_matrix([query["embedding"], other["embedding"]])[0][1]
+            assert csv("cka_backbones", other_label) == pytest.approx(expected, rel=1e-9)
+            assert expected == pytest.approx(linear_cka(query["embedding"], other["embedding"]), rel=1e-5)
         final = cached(cache, backbone, "synthetic", "test", "final")
         if layer != "final":
-            expected = linear_cka(query["embedding"], final["embedding"])
-            assert csv("cka_layers", "final") == pytest.approx(expected, rel=1e-12)
+            expected = linear_cka_matrix([query["embedding"], final["embedding"]])[0][1]
+            assert csv("cka_layers", "final") == pytest.approx(expected, rel=1e-9)
+            assert expected == pytest.approx(linear_cka(query["embedding"], final["embedding"]), rel=1e-5)
 
 
 def test_cached_features_are_the_backbones_embeddings(first_run):
