@@ -27,10 +27,20 @@ def load_backbone_weights(backbone: torch.nn.Module, path: str | Path) -> None:
     prefix = "backbone."
     if any(key.startswith(prefix) for key in state):
         state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    name = getattr(backbone, "name", type(backbone).__name__)
+    own = backbone.state_dict()
+    resized = [f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}" for key, value in state.items()
+               if key in own and hasattr(value, "shape") and value.shape != own[key].shape]
+    if resized:  # same architecture family, other width / depth / input size: load_state_dict's RuntimeError
+        raise ValueError(
+            f"checkpoint {path} does not match this backbone ({name}): {len(resized)} tensors of another shape "
+            f"(checkpoint vs backbone, e.g. {resized[:3]}); was it trained with a different backbone, "
+            "backbone_overrides or image_size?"
+        )
     result = backbone.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
-            f"checkpoint {path} does not match this backbone ({getattr(backbone, 'name', type(backbone).__name__)}): "
+            f"checkpoint {path} does not match this backbone ({name}): "
             f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
             f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]}); "
             "was it trained with a different backbone?"

@@ -103,6 +103,17 @@ def test_checkpoint_of_a_different_backbone_is_refused(tmp_path):
         other.on_load_checkpoint(torch.load(path, weights_only=True))
 
 
+def test_checkpoint_of_another_width_names_the_tensors(tmp_path):
+    source = ClassifierModule(num_classes=3, **TINY_BACKBONE)
+    path = tmp_path / "narrow.ckpt"
+    torch.save({"state_dict": source.state_dict()}, path)
+    wider = dict(TINY_BACKBONE, backbone_overrides={"dims": [16, 32, 64, 128], "depths": [1, 1, 1, 1]})
+    other = ClassifierModule(num_classes=3, **wider)
+    with pytest.raises(ValueError, match=r"does not match this backbone .*tensors of another shape.*"
+                                         r"stem\.0\.weight \(8, 3, 4, 4\) vs \(16, 3, 4, 4\).*backbone_overrides"):
+        load_backbone_weights(other.backbone, path)
+
+
 def test_code_carrying_checkpoint_is_not_executed(tmp_path):
     class Evil:
         def __reduce__(self):
