@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,11 +123,18 @@ class EvalTransform:
         # normalize_image's operands, built once (it converts the lists on every call)
         self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        # where torchvision's resize_image runs bilinear antialiasing on uint8 natively (else it goes via float)
+        self._native_uint8 = (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+                              or platform.machine() in ("aarch64", "arm64"))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         x = F.pil_to_tensor(image)
         if self.center_crop:  # shorter side to size, then the central square (keeps the aspect ratio)
             x = F.center_crop_image(F.resize_image(x, [self.size], antialias=True), [self.size, self.size])
+        elif self._native_uint8 and x.shape[-2:] != (self.size, self.size):
+            # resize_image's own kernel call without its wrapper (~25 us of ~80 us per image)
+            x = torch.nn.functional.interpolate(x.unsqueeze(0), size=[self.size, self.size], mode="bilinear",
+                                                align_corners=False, antialias=True)[0]
         else:
             x = F.resize_image(x, [self.size, self.size], antialias=True)
         # to_dtype_image(scale=True) then normalize_image, op for op

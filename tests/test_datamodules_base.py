@@ -87,7 +87,7 @@ def test_palette_image_converts():
     assert tuple(np.asarray(to_rgb_image(image))[0, 0]) == (10, 20, 30)
 
 
-@pytest.mark.parametrize("size", [(8, 8), (50, 70), (97, 31)])
+@pytest.mark.parametrize("size", [(8, 8), (50, 70), (97, 31), (48, 48)])
 @pytest.mark.parametrize("center_crop", [False, True])
 def test_eval_transform_equals_the_torchvision_v2_pipeline(size, center_crop):
     """EvalTransform calls the v2 kernels directly (speed); its output must be the Compose's, bit for bit."""
