@@ -103,7 +103,8 @@ class Backbone(nn.Module):
     Convolutional networks (more than two 2-D convolutions, so not a ViT's patch embedding) keep their weights
     and inputs in channels-last memory layout, which oneDNN and cuDNN run faster: on 2 CPU cores
     EfficientNet-Lite0 at 64 px extracted ~1.4x and trained ~1.3x more images/s, ResNet50 and ConvNeXt-T
-    ~1.1-1.2x. ``channels_last=False`` turns it off; embeddings agree to float rounding either way.
+    ~1.1-1.2x. ``channels_last=False`` turns it off (in a config: ``backbone_overrides: {channels_last: false}``);
+    embeddings agree to float rounding either way.
     """
 
     def __init__(self, name: str, weights: str = "pretrained", freeze: str = "none", image_size: int | None = None,
