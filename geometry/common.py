@@ -89,15 +89,22 @@ def squared_euclidean(a: Tensor, b: Tensor, a_sq: Tensor | None = None, b_sq: Te
     """(len(a), len(b)) squared distances by the |a|^2 - 2ab + |b|^2 expansion (one matmul), clamped at 0."""
     a_sq = squared_norms(a) if a_sq is None else a_sq
     b_sq = squared_norms(b) if b_sq is None else b_sq
-    if a.device.type == "cpu" and a.shape[0] > CPU_GEMM_ROWS and b.shape[0] <= CPU_GEMM_ROWS:
-        # few columns (k-means++ candidates): row blocks, ~1.3x faster than one call (50k x 768 @ 768 x 18)
-        d2 = torch.empty(a.shape[0], b.shape[0], dtype=a.dtype)
-        for start in range(0, a.shape[0], CPU_GEMM_ROWS):
-            rows = slice(start, start + CPU_GEMM_ROWS)
-            torch.addmm(b_sq.unsqueeze(0), a[rows], b.T, alpha=-2.0, out=d2[rows])
-    else:
-        d2 = torch.addmm(b_sq.unsqueeze(0), a, b.T, alpha=-2.0)
+    # few columns (k-means++ candidates): row blocks, ~1.3x faster than one call (50k x 768 @ 768 x 18)
+    matmul = addmm_rows if b.shape[0] <= CPU_GEMM_ROWS else torch.addmm
+    d2 = matmul(b_sq.unsqueeze(0), a, b.T, alpha=-2.0)
     return d2.add_(a_sq.unsqueeze(1)).clamp_(min=0.0)
+
+
+def addmm_rows(bias: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    """``torch.addmm(bias, a, b, alpha=alpha)``; on CPU in blocks of ``CPU_GEMM_ROWS`` rows of ``a``, where a
+    matmul with a narrow ``b`` runs fastest."""
+    if a.device.type != "cpu" or a.shape[0] <= CPU_GEMM_ROWS:
+        return torch.addmm(bias, a, b, alpha=alpha)
+    out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    for start in range(0, a.shape[0], CPU_GEMM_ROWS):
+        rows = slice(start, start + CPU_GEMM_ROWS)
+        torch.addmm(bias, a[rows], b, alpha=alpha, out=out[rows])
+    return out
 
 
 def unit_rows(x: Tensor) -> Tensor:

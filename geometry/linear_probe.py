@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from geometry.common import CPU_GEMM_ROWS, as_features, as_labels, column_means
+from geometry.common import addmm_rows, as_features, as_labels, column_means
 
 # One value per decade: from nearly unregularised to strongly shrunk (C = 1/(l2 n) spans 8 decades too).
 DEFAULT_L2_GRID = tuple(10.0**e for e in range(-7, 1))
@@ -62,16 +62,6 @@ def _check_l2(l2) -> list[float]:
     return values
 
 
-def _logits(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    """x @ w + b; on CPU in blocks of CPU_GEMM_ROWS rows (1.6x faster for one 50k x 768 -> 100 head)."""
-    if x.device.type != "cpu" or x.shape[0] <= CPU_GEMM_ROWS:
-        return torch.addmm(b, x, w)
-    out = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
-    for start in range(0, x.shape[0], CPU_GEMM_ROWS):
-        torch.addmm(b, x[start : start + CPU_GEMM_ROWS], w, out=out[start : start + CPU_GEMM_ROWS])
-    return out
-
-
 def _stacked(params: Tensor, d: int, c: int) -> tuple[Tensor, Tensor]:
     """Rows [W (D x C) flattened, b (C)] of A heads as one (D, A x C) weight and (1, A x C) bias."""
     a = params.shape[0]
@@ -96,7 +86,7 @@ def _loss_and_grad(x: Tensor, target: Tensor, params: Tensor, l2: Tensor, n_clas
     grad_b = torch.zeros(a * c, dtype=x.dtype, device=x.device)
     for start in range(0, n, step):
         xb, tb = x[start : start + step], target[start : start + step]
-        logits = _logits(xb, w, b).view(-1, a, c)
+        logits = addmm_rows(b, xb, w).view(-1, a, c)  # blocked on CPU: 1.6x faster at C = 100
         true_class = tb.view(-1, 1, 1).expand(-1, a, 1)
         true_logit = logits.gather(2, true_class)
         top = logits.amax(dim=2, keepdim=True)
