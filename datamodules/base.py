@@ -4,8 +4,11 @@ A concrete DataModule only says where its samples come from: it implements ``loa
 a ``Splits`` of *sources*. A source is a sequence whose items are ``(image, label)`` or
 ``(image, label, superclass)``, where ``image`` is a PIL image or a uint8 / uint16 numpy array (H, W) or
 (H, W, C). Everything else (RGB conversion, resizing to the backbone's input size, its mean/std,
-augmentation strength 0-3, ``limit_data``, the seeded validation split, the un-augmented bank loader used
-by the geometry callback) lives here, once.
+augmentation strength 0-3, ``limit_data``, the seeded validation split stratified by class, the un-augmented
+bank loader used by the geometry callback) lives once in this module and its parts, each with one job:
+``decoding`` (raw image -> RGB), ``transforms`` (backbone-matched transforms), ``splits`` (sources, subsets,
+stratified splits) and ``sampling`` (dict samples, the resumable epoch order). Their public names are
+importable from here as before.
 
 Batches are dicts: ``image`` (B, 3, H, W) float, ``label`` (B,), ``index`` (B,) the sample's position in
 its split (DIET keys its random classes on it; the geometry callback de-duplicates DDP padding with it),
@@ -16,242 +19,31 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.decoding import to_rgb_image
+from datamodules.sampling import EpochSampler, ResumableDataLoader, TransformDataset
+from datamodules.splits import Splits, Subset, source_labels, stratified_split
+from datamodules.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    build_transform,
+    preprocessing_values,
+)
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BaseDataModule", "EpochSampler", "EvalTransform",
+           "ResumableDataLoader", "Splits", "Subset", "TransformDataset", "build_transform", "preprocessing_values",
+           "source_labels", "stratified_split", "to_rgb_image"]
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class Splits:
-    """The raw sources of a dataset. ``val`` may be None: then a seeded part of ``train`` becomes val."""
-
-    train: Sequence
-    test: Sequence
-    val: Sequence | None = None
-
-
-def to_rgb_image(image: Any) -> Image.Image:
-    """Any supported image (PIL of any mode, numpy uint8/uint16/float, 2-D or 3-D) as 8-bit RGB PIL.
-
-    16-bit images are scaled by their dtype range (not clipped), RGBA is composited on black,
-    palette and grayscale images are expanded to three channels.
-    """
-    if isinstance(image, Image.Image):
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            image = np.asarray(image)
-        elif image.mode == "F":
-            image = np.asarray(image, dtype=np.float32)
-        else:
-            if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-                image = image.convert("RGBA")
-                background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-                image = Image.alpha_composite(background, image)
-            return image.convert("RGB")
-    array = np.asarray(image)
-    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)  # CHW -> HWC
-    if array.dtype == np.uint16 or array.dtype == np.int32:
-        array = (array.astype(np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
-    elif array.dtype.kind == "f":
-        scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
-        array = (array * scale).round().clip(0, 255).astype(np.uint8)
-    elif array.dtype != np.uint8:
-        array = array.clip(0, 255).astype(np.uint8)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim == 3 and array.shape[-1] == 4:
-        alpha = array[..., 3:4].astype(np.float32) / 255.0
-        array = (array[..., :3].astype(np.float32) * alpha).round().astype(np.uint8)
-    if array.ndim == 2:
-        return Image.fromarray(array, mode="L").convert("RGB")
-    if array.ndim == 3 and array.shape[-1] == 3:
-        return Image.fromarray(array, mode="RGB")
-    raise ValueError(f"cannot interpret an image of shape {array.shape} and dtype {array.dtype}")
-
-
-def build_transform(preprocessing: Any, augmentation_strength: int = 0):
-    """The backbone-matched transform: strength 0 is the eval transform (resize to the input size).
-
-    1: random resized crop (scale 0.8-1) and horizontal flip; 2: crop scale 0.5-1 and colour jitter 0.2;
-    3: crop scale 0.25-1, colour jitter 0.4 and random grayscale. Mean/std always the backbone's.
-    """
-    if augmentation_strength not in (0, 1, 2, 3):
-        raise ValueError(f"augmentation_strength must be 0, 1, 2 or 3, got {augmentation_strength!r}")
-    size, mean, std = preprocessing_values(preprocessing)
-    if augmentation_strength == 0:
-        return EvalTransform(size, mean, std)
-    steps: list = [v2.PILToTensor()]
-    min_scale = {1: 0.8, 2: 0.5, 3: 0.25}[augmentation_strength]
-    steps += [v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True), v2.RandomHorizontalFlip()]
-    if augmentation_strength >= 2:
-        jitter = 0.2 if augmentation_strength == 2 else 0.4
-        steps.append(v2.ColorJitter(jitter, jitter, jitter))
-    if augmentation_strength == 3:
-        steps.append(v2.RandomGrayscale(p=0.2))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
-    return v2.Compose(steps)
-
-
-class EvalTransform:
-    """The un-augmented transform: RGB PIL image -> resized (size x size), scaled to [0, 1], normalised.
-
-    The kernels of ``v2.Compose([PILToTensor(), Resize((size, size), antialias=True), ToDtype(float32,
-    scale=True), Normalize(mean, std)])``, called directly: the same output, without the container's
-    per-sample dispatch, which was ~0.25 ms of the ~0.4 ms per 64 px digit (every bank, query and
-    probe.py extraction goes through here).
-    """
-
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], center_crop: bool = False):
-        self.size, self.mean, self.std, self.center_crop = int(size), list(mean), list(std), center_crop
-        if not all(self.std):
-            raise ValueError(f"std must be non-zero, got {self.std}")
-        # normalize_image's operands, built once (it converts the lists on every call)
-        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
-        self._std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
-        # where torchvision's resize_image runs bilinear antialiasing on uint8 natively (else it goes via float)
-        self._native_uint8 = (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-                              or platform.machine() in ("aarch64", "arm64"))
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        x = F.pil_to_tensor(image)
-        if self.center_crop:  # shorter side to size, then the central square (keeps the aspect ratio)
-            x = F.center_crop_image(F.resize_image(x, [self.size], antialias=True), [self.size, self.size])
-        elif self._native_uint8 and x.shape[-2:] != (self.size, self.size):
-            # resize_image's own kernel call without its wrapper (~25 us of ~80 us per image)
-            x = torch.nn.functional.interpolate(x.unsqueeze(0), size=[self.size, self.size], mode="bilinear",
-                                                align_corners=False, antialias=True)[0]
-        else:
-            x = F.resize_image(x, [self.size, self.size], antialias=True)
-        # to_dtype_image(scale=True) then normalize_image, op for op
-        return x.to(torch.float32).mul_(1.0 / 255).sub_(self._mean).div_(self._std)
-
-    def __repr__(self) -> str:
-        return (f"EvalTransform(size={self.size}, mean={self.mean}, std={self.std}"
-                + (", center_crop=True)" if self.center_crop else ")"))
-
-
-def preprocessing_values(preprocessing: Any) -> tuple[int, tuple, tuple]:
-    """(input size, mean, std) of a ``Preprocessing`` or its dict form; ImageNet's at 224 px for None."""
-    if preprocessing is None:
-        return 224, IMAGENET_MEAN, IMAGENET_STD
-    get = preprocessing.get if isinstance(preprocessing, dict) else lambda k: getattr(preprocessing, k)
-    return int(get("input_size")), tuple(get("mean")), tuple(get("std"))
-
-
-class TransformDataset(Dataset):
-    """A source with a transform; items are the dict samples of a batch. ``index`` is the position here.
-
-    A key may be ``(index, seed)`` (what ``EpochSampler`` yields): the random augmentation of that sample is
-    then drawn from a generator seeded by ``seed``, the same in every process, worker and resumed run.
-    """
-
-    def __init__(self, source: Sequence, transform, decode=to_rgb_image):
-        self.source = source
-        self.transform = transform
-        self.decode = decode
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, key) -> dict:
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        item = self.source[index]
-        image, label = self.decode(item[0]), item[1]
-        if seed is None:
-            image = self.transform(image)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                image = self.transform(image)
-        sample = {"image": image, "label": torch.as_tensor(label), "index": index}
-        if len(item) > 2 and item[2] is not None:
-            sample["superclass"] = int(item[2])
-        return sample
-
-
-class EpochSampler(Sampler):
-    """Shuffles the training set with a permutation fixed by (seed, epoch), and resumes mid-epoch exactly.
-
-    Each yielded key is ``(index, augmentation_seed)``. The epoch and the number of batches already done are
-    read from the trainer when iteration starts, so a run restarted from a mid-epoch checkpoint
-    (``--ckpt_path last``) skips exactly the samples it had trained on and sees the same order and the same
-    augmentations as an uninterrupted run. Under DDP Lightning wraps it in a distributed sampler, which
-    shards these keys (there a mid-epoch resume replays the epoch from its start).
-    """
-
-    def __init__(self, n: int, seed: int, datamodule: BaseDataModule | None = None, batch_size: int = 1):
-        self.n, self.seed, self.datamodule, self.batch_size = n, seed, datamodule, batch_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _position(self) -> tuple[int, int]:
-        """(epoch, samples to skip) from the trainer's loop state; (set_epoch's epoch, 0) without one."""
-        trainer = getattr(self.datamodule, "trainer", None) if self.datamodule is not None else None
-        if trainer is None:
-            return self.epoch, 0
-        loop = trainer.fit_loop
-        done = loop.epoch_loop.batch_progress.current.completed
-        total = trainer.num_training_batches
-        partial = 0 < done and (total == float("inf") or done < total)
-        # Under DDP Lightning's sampler wrapper expects len(self) keys, so a resumed epoch restarts from its
-        # first batch there (same order and augmentations, some batches seen twice).
-        skip = done * self.batch_size if partial and loop.restarting and trainer.world_size == 1 else 0
-        return trainer.current_epoch, skip
-
-    def __iter__(self):
-        epoch, skip = self._position()
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.n, generator=generator)
-        seeds = torch.randint(0, 2**62, (self.n,), generator=generator)
-        for position in range(skip, self.n):
-            yield int(order[position]), int(seeds[position])
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that tells Lightning it resumes mid-epoch correctly.
-
-    The position itself is not stored here: ``EpochSampler`` reads it from the trainer's restored loop state.
-    """
-
-    def state_dict(self) -> dict:
-        return {"sampler": type(self.sampler).__name__}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Nothing to restore: the sampler derives epoch and offset from the trainer."""
-
-
-class Subset(Sequence):
-    """A source restricted to some positions (cheap: indexes, no copy)."""
-
-    def __init__(self, source: Sequence, indices: Sequence[int]):
-        self.source = source
-        self.indices = list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        return self.source[self.indices[i]]
 
 
 class BaseDataModule(L.LightningDataModule):
@@ -320,12 +112,10 @@ class BaseDataModule(L.LightningDataModule):
         for name, source in (("train", train), ("test", splits.test)):
             if len(source) == 0:
                 raise ValueError(f"{type(self).__name__}: the {name} split is empty; check the dataset path")
-        rng = np.random.default_rng(self.seed)
         if val is None:
-            order = rng.permutation(len(train))
-            n_val = int(round(self.val_fraction * len(train)))
-            val = Subset(train, sorted(order[:n_val].tolist())) if n_val else Subset(train, [])
-            train = Subset(train, sorted(order[n_val:].tolist()))
+            labels = source_labels(train) if self.val_fraction else None
+            held_out, kept = stratified_split(labels, self.val_fraction, self.seed, "validation", n=len(train))
+            val, train = Subset(train, held_out), Subset(train, kept)
         if self.limit_data is not None:
             if self.limit_data > len(train):
                 warnings.warn(
@@ -337,6 +127,14 @@ class BaseDataModule(L.LightningDataModule):
                 keep = np.random.default_rng(self.seed + 1).choice(len(train), self.limit_data, replace=False)
                 train = Subset(train, sorted(keep.tolist()))
         return Splits(train=train, val=val, test=splits.test)
+
+    def check_sources(self) -> None:
+        """Load and validate the splits now, so a missing data root or an empty split stops a command before
+        it writes anything; skipped when the files are still to be downloaded by ``prepare_data``."""
+        wrapped = getattr(self, "dataset", None)
+        if getattr(self, "download", False) or getattr(wrapped, "download", False):
+            return
+        self.sources  # noqa: B018
 
     def prepare_data(self) -> None:
         """Download where the subclass supports it (rank 0 only, by Lightning's contract)."""

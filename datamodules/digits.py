@@ -1,7 +1,7 @@
 """scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes): real data that needs no download.
 
 The 8x8 images (values 0-16) become 8-bit grayscale, then RGB, and the shared transform upsamples them
-to the backbone's input size. A seeded 20% is the test split; the base class holds out ``val_fraction``
+to the backbone's input size. A seeded 20% of every class is the test split; the base class holds out ``val_fraction``
 of the rest for validation.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from datamodules.base import BaseDataModule, Splits, Subset
+from datamodules.base import BaseDataModule, Splits, Subset, stratified_split
 
 
 class DigitsSource:
@@ -48,9 +48,5 @@ class DigitsDataModule(BaseDataModule):
 
     def load_splits(self) -> Splits:
         source = DigitsSource()
-        order = np.random.default_rng(1234).permutation(len(source))
-        n_test = int(round(self.test_fraction * len(source)))
-        return Splits(
-            train=Subset(source, sorted(order[n_test:].tolist())),
-            test=Subset(source, sorted(order[:n_test].tolist())),
-        )
+        test, train = stratified_split(source.labels, self.test_fraction, 1234, "test")
+        return Splits(train=Subset(source, train), test=Subset(source, test))

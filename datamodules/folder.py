@@ -1,10 +1,11 @@
 """Any class-per-folder image tree (``root/<class>/<image>``), with an explicit policy for bad files.
 
 Splits: ``root/train`` and ``root/test`` (and optionally ``root/val``) when they exist, else the whole tree
-is one set and a seeded ``test_fraction`` becomes the test split. Files whose extension is not an image
-extension are ignored and counted; files that claim to be images but cannot be decoded follow
-``on_bad_image``: ``"error"`` stops with the file's path, ``"skip"`` leaves the sample out of its batch and
-counts it (``verify_images=True`` finds every bad file up front and drops it before training).
+is one set and a seeded ``test_fraction`` of every class becomes the test split (a class of one image stays in
+training). Files whose extension is not an image extension are ignored and counted; files that claim to be
+images but cannot be decoded follow ``on_bad_image``: ``"error"`` stops with the file's path, ``"skip"`` leaves
+the sample out of its batch and counts it, with its path, for ``results.json`` (``verify_images=True`` finds
+every bad file up front and drops it before training).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import default_collate
 
-from datamodules.base import BaseDataModule, Splits, Subset, TransformDataset, to_rgb_image
+from datamodules.base import BaseDataModule, Splits, Subset, TransformDataset, stratified_split, to_rgb_image
 
 log = logging.getLogger(__name__)
 
@@ -93,27 +94,38 @@ class FileSource:
         return np.array([s[1] for s in self.samples], dtype=np.int64)
 
 
+class SkippedImage(str):
+    """The path of an image left out of its batch (what a ``_SkippingDataset`` yields instead of a sample)."""
+
+
 class _SkippingDataset(TransformDataset):
-    """With on_bad_image='skip': a bad image yields None, which ``collate_skipping`` drops."""
+    """With on_bad_image='skip': a bad image yields its path as ``SkippedImage``, which ``collate_skipping``
+    moves out of the batch into ``batch["skipped"]`` (counted in the main process, whatever the workers)."""
 
     def __init__(self, source, transform, decode, owner: FolderDataModule):
         super().__init__(source, transform, decode)
         self.owner = owner
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
         try:
             return super().__getitem__(index)
         except BadImageError as error:
-            self.owner.skipped_images += 1  # exact with num_workers=0; per worker otherwise
             warnings.warn(f"skipping bad image: {error}", stacklevel=2)
-            return None
+            position = index[0] if isinstance(index, tuple) else index
+            path = SkippedImage(self.source[position][0])
+            self.owner.note_skipped([str(path)])  # exact in this process; workers' counts arrive with the batch
+            return path
 
 
 def collate_skipping(batch: list):
-    kept = [sample for sample in batch if sample is not None]
+    kept = [sample for sample in batch if not isinstance(sample, SkippedImage)]
+    skipped = [str(sample) for sample in batch if isinstance(sample, SkippedImage)]
     if not kept:
         return None
-    return default_collate(kept)
+    collated = default_collate(kept)
+    if skipped:
+        collated["skipped"] = skipped
+    return collated
 
 
 class FolderDataModule(BaseDataModule):
@@ -144,6 +156,7 @@ class FolderDataModule(BaseDataModule):
         self.verify_images = verify_images
         self.test_fraction = test_fraction
         self.skipped_images = 0
+        self.skipped_image_paths: list[str] = []
         self.ignored_files = 0
         self.collate_fn = collate_skipping if on_bad_image == "skip" else None
         train_root = self.root / "train" if (self.root / "train").is_dir() else self.root
@@ -171,10 +184,21 @@ class FolderDataModule(BaseDataModule):
             except BadImageError:
                 if self.on_bad_image == "error":
                     raise
-                self.skipped_images += 1
+                self.note_skipped([str(sample[0])])
         if self.skipped_images:
             log.warning("%s: skipped %d unreadable images", self.root, self.skipped_images)
         return good
+
+    def note_skipped(self, paths: list[str]) -> None:
+        """Count images left out as unreadable; results.json lists the first few (each path once)."""
+        new = [path for path in paths if path not in self.skipped_image_paths]
+        self.skipped_images += len(new)
+        self.skipped_image_paths += new
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, dict) and "skipped" in batch:
+            self.note_skipped(batch.pop("skipped"))
+        return batch
 
     def load_splits(self) -> Splits:
         if (self.root / "train").is_dir():
@@ -186,13 +210,8 @@ class FolderDataModule(BaseDataModule):
             whole = train
         else:
             whole, val = self._source(self.root), None
-        order = np.random.default_rng(self.seed + 2).permutation(len(whole))
-        n_test = max(1, int(round(self.test_fraction * len(whole))))
-        return Splits(
-            train=Subset(whole, sorted(order[n_test:].tolist())),
-            test=Subset(whole, sorted(order[:n_test].tolist())),
-            val=val,
-        )
+        test, train = stratified_split(whole.labels, self.test_fraction, self.seed + 2, "test", minimum=1)
+        return Splits(train=Subset(whole, train), test=Subset(whole, test), val=val)
 
     def decode(self, image) -> Image.Image:
         return read_image(image) if isinstance(image, str | Path) else to_rgb_image(image)

@@ -3,7 +3,7 @@
 The dataset is one HDF5 file, ``Galaxy10_DECals.h5``, with ``images`` (N, 256, 256, 3) uint8 and ``ans`` (N,)
 class ids. ``root`` is that file or the folder holding it. The file is read lazily (one image per access,
 one handle per worker process), so the 2.7 GB never sit in memory. There is no official split: a seeded
-``test_fraction`` is the test set, and ``val_fraction`` of the rest is val. ``download=True`` fetches the file
+``test_fraction`` of every class is the test set, and ``val_fraction`` of the rest is val. ``download=True`` fetches the file
 from its Zenodo record (https://zenodo.org/records/10845026).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.base import BaseDataModule, Splits, Subset
+from datamodules.base import BaseDataModule, Splits, Subset, stratified_split
 
 FILENAME = "Galaxy10_DECals.h5"
 URL = "https://zenodo.org/records/10845026/files/Galaxy10_DECals.h5?download=1"
@@ -88,7 +88,5 @@ class Galaxy10DataModule(BaseDataModule):
             raise FileNotFoundError(f"Galaxy10 file {self.path} does not exist; set download: true or fetch {URL}")
         source = H5ImageSource(self.path)
         self.check_labels(source.labels, str(self.path))
-        order = np.random.default_rng(self.seed + 2).permutation(len(source))
-        n_test = max(1, int(round(self.test_fraction * len(source))))
-        return Splits(train=Subset(source, sorted(order[n_test:].tolist())),
-                      test=Subset(source, sorted(order[:n_test].tolist())))
+        test, train = stratified_split(source.labels, self.test_fraction, self.seed + 2, "test", minimum=1)
+        return Splits(train=Subset(source, train), test=Subset(source, test))

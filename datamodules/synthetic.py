@@ -98,6 +98,11 @@ class ProceduralSource:
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def labels(self) -> list[int]:
+        """Every item's sub-class, without drawing its image (for stratified splits)."""
+        return [label for label, _ in self.items]
+
     def __getitem__(self, i: int):
         label, _ = self.items[i]
         rng = np.random.default_rng((self.seed, i))
