@@ -8,24 +8,35 @@ Any LightningModule under ``models/`` and any DataModule under ``datamodules/`` 
 The data's images follow the backbone: its input size, mean and std are linked from the model's
 ``backbone`` and ``image_size`` arguments into ``data.init_args.preprocessing``; the dataset's class count
 is linked into ``model.init_args.num_classes``. Every run lives in ``<runs_dir>/<run_name>/``: the resolved
-``config.yaml``, ``checkpoints/``, ``results.json`` and the logger's files.
+``config.yaml``, ``checkpoints/``, ``results.json`` and the logger's files (``logs/``). A name already used is
+refused unless the fit resumes that run (``--ckpt_path last``) or ``--overwrite`` is given; ``validate`` / ``test``
+/ ``predict`` from a checkpoint add ``config.<stage>.yaml``, ``logs/<stage>/`` and a ``<stage>`` section of
+``results.json`` to the checkpoint's run and leave the fit's files alone (see ``cli/rundir.py``). Errors are one
+line (``cli/errors.py``; ``--debug`` for the traceback).
 """
 
 from __future__ import annotations
 
 import re
+import sys
 import time
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+if __name__ == "__main__":  # a broken config file is reported before the heavy imports below
+    from cli.errors import run_preflight
 
-from callbacks.io import atomic_write_text
-from callbacks.results import ResultsWriter
-from callbacks.resume import ResumeState
-from datamodules.base import BaseDataModule
-from models.backbones import resolve_preprocessing
-from models.base import BackboneModule
+    run_preflight(sys.argv[1:])
+
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
+
+from callbacks.io import atomic_write_text  # noqa: E402
+from callbacks.results import ResultsWriter  # noqa: E402
+from callbacks.resume import ResumeState  # noqa: E402
+from cli import errors, rundir  # noqa: E402
+from datamodules.base import BaseDataModule  # noqa: E402
+from models.backbones import resolve_preprocessing  # noqa: E402
+from models.base import BackboneModule  # noqa: E402
 
 
 def preprocessing_for(backbone: str, image_size: int | None):
@@ -37,12 +48,17 @@ def _short(class_path: str | None) -> str:
     return (class_path or "").rsplit(".", 1)[-1].replace("Module", "").replace("Data", "").lower() or "run"
 
 
-def configure_loggers(trainer_config, run_dir: Path, run_name: str) -> None:
-    """Put every logger's files in the run directory; the CSV logger when none is configured."""
+def configure_loggers(trainer_config, run_dir: Path, run_name: str, stage: str = "fit") -> None:
+    """Put every logger's files in the run directory; the CSV logger when none is configured.
+
+    A fit logs into ``<run>/logs/``; validate / test / predict into ``<run>/logs/<stage>/``, so they never
+    truncate the fit's ``metrics.csv``.
+    """
+    name, version = ("", "logs") if stage == "fit" else ("logs", stage)
     logger = trainer_config.get("logger")
     if logger in (None, True):
         trainer_config["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                    "init_args": {"save_dir": str(run_dir), "name": "", "version": "logs"}}
+                                    "init_args": {"save_dir": str(run_dir), "name": name, "version": version}}
         return
     for entry in logger if isinstance(logger, list) else [logger]:
         if not hasattr(entry, "get") or not entry.get("class_path"):
@@ -54,30 +70,49 @@ def configure_loggers(trainer_config, run_dir: Path, run_name: str) -> None:
         if not init_args.get("save_dir"):
             init_args["save_dir"] = str(run_dir)
         if kind in ("CSVLogger", "TensorBoardLogger"):
-            init_args["name"], init_args["version"] = "", init_args.get("version") or "logs"
+            init_args["name"], init_args["version"] = name, init_args.get("version") or version
         if kind == "WandbLogger" and not init_args.get("name"):
-            init_args["name"] = run_name
+            init_args["name"] = run_name if stage == "fit" else f"{run_name}-{stage}"
 
 
 class SaveRunConfig(SaveConfigCallback):
-    """Writes the resolved config as ``<run dir>/config.yaml`` (atomically, rank 0), whatever the logger."""
+    """Writes the resolved config atomically (rank 0), whatever the logger: ``config.yaml`` for a fit,
+    ``config.<stage>.yaml`` for validate / test / predict (the fit's config stays as it was)."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.already_saved or not trainer.is_global_zero:
             return
         text = self.parser.dump(self.config, skip_none=False, skip_check=True)
-        atomic_write_text(Path(trainer.default_root_dir) / self.config_filename, text)
+        stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn enum
+        filename = self.config_filename if stage == "fit" else f"config.{stage}.yaml"
+        atomic_write_text(Path(trainer.default_root_dir) / filename, text)
         self.already_saved = True
 
 
+class OneLineErrorParser(LightningArgumentParser):
+    """jsonargparse's parser, reporting a bad option as one ``error:`` line (all of it with ``--debug``)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or errors.debug_requested():
+            return super().error(message, ex)
+        sys.stderr.write(f"error: {errors.condense_parser_message(message, ex)} (see --help)\n")
+        self.exit(errors.USAGE)
+
+
 class FMProbeCLI(LightningCLI):
-    """LightningCLI with fmprobe's links, run directory convention and always-on callbacks."""
+    """LightningCLI with fmprobe's links, run directory rules and always-on callbacks."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", type=str | None, default=None,
                             help="Run directory name under --runs_dir (default: <model>-<backbone>-<data>-<time>). "
-                                 "Reuse it with --ckpt_path last to resume a run.")
+                                 "A fit refuses a name already used unless it resumes it (--ckpt_path last) "
+                                 "or --overwrite is given.")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Folder holding all run directories.")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit: delete an earlier run of the same --run_name (after every check passed).")
+        parser.add_argument("--progress_every_s", type=float, default=30.0,
+                            help="When stdout is not a terminal (nohup, SLURM): seconds between plain progress "
+                                 "lines (epoch, step, loss, images/s, ETA).")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "epoch{epoch:03d}",
                              "checkpoint.auto_insert_metric_name": False})
@@ -87,29 +122,79 @@ class FMProbeCLI(LightningCLI):
                               "data.init_args.preprocessing", compute_fn=preprocessing_for, apply_on="parse")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
+    def _stage_config(self):
+        return self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        config = self._stage_config()
+        stage = self.subcommand or "fit"
+        runs_dir = Path(config["runs_dir"])
         name = config.get("run_name")
+        from_checkpoint = rundir.checkpoint_run_dir(config.get("ckpt_path")) if stage != "fit" else None
+        if from_checkpoint is not None:  # validate / test / predict add to the checkpoint's run
+            runs_dir, name = from_checkpoint.parent, from_checkpoint.name
+            config["runs_dir"], config["run_name"] = str(runs_dir), name
         if not name:
             model = config["model"]
             backbone = (model.get("init_args") or {}).get("backbone", "")
             name = "-".join([_short(model.get("class_path")), str(backbone).replace("/", "_"),
                              _short(config["data"].get("class_path")), time.strftime("%Y%m%d-%H%M%S")])
+            name = rundir.free_name(runs_dir, name)
             config["run_name"] = name
         if not re.fullmatch(r"[\w.\-]+", name):
-            raise ValueError(f"run_name may hold letters, digits, '.', '_' and '-' only, got {name!r}")
-        run_dir = Path(config["runs_dir"]) / name
+            raise errors.UsageError(f"--run_name may hold letters, digits, '.', '_' and '-' only, got {name!r}")
+        run_dir = runs_dir / name
+        rundir.check_writable(run_dir)
+        if stage == "fit":
+            ckpt = config.get("ckpt_path")
+            resuming = ckpt in ("last", "hpc") or (bool(ckpt) and rundir.is_inside(ckpt, run_dir))
+            rundir.check_new_run(run_dir, bool(config.get("overwrite")), resuming)
+            self._replace = bool(config.get("overwrite")) and not resuming
         trainer = config["trainer"]
         trainer["default_root_dir"] = str(run_dir)
         if config.get("checkpoint") is not None and not config["checkpoint"].get("dirpath"):
             config["checkpoint"]["dirpath"] = str(run_dir / "checkpoints")
-        configure_loggers(trainer, run_dir, name)
+        configure_loggers(trainer, run_dir, name, stage)
+        self.run_dir, self.stage = run_dir, stage
+
+    def after_instantiate_classes(self) -> None:
+        """Everything a run needs is checked before its directory is touched: data, schedule, output folder."""
+        if self.subcommand is None:
+            return
+        if isinstance(self.datamodule, BaseDataModule):
+            self.datamodule.check_sources()  # a missing data root or an empty split fails now
+        if self.subcommand == "fit" and "configure_optimizers" not in vars(self.model):  # not --lr_scheduler's
+            check = getattr(self.model, "check_training_length", None)
+            if check is not None:
+                check(self.trainer.max_epochs, self.trainer.max_steps)
+        if getattr(self, "_replace", False) and rundir.is_rank_zero():
+            rundir.remove_run(self.run_dir)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException as error:
+            errors.mark_run_phase(error)
+            if rundir.is_rank_zero():
+                interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
+                line = ("stopped by a signal; resume with --ckpt_path last" if interrupted
+                        else errors.describe(error))
+                rundir.record_failure(self.run_dir, subcommand, line, "interrupted" if interrupted else "failed")
+            raise
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
-        # A Rich progress bar unless the config names a progress bar of its own (Lightning allows one).
+        # A progress display unless the config names one of its own (Lightning allows one): Rich on a terminal,
+        # plain lines in a log file (nohup, SLURM), where Rich's bar prints nothing until the end.
         configured = list(config.get("callbacks") or []) + list(callbacks)
-        if not any(isinstance(c, ProgressBar) for c in configured) and config.get("enable_progress_bar", True):
-            callbacks = [*callbacks, RichProgressBar(leave=True)]
+        wanted = config.get("enable_progress_bar") is not False  # None: Lightning's default, on
+        if wanted and not any(isinstance(c, ProgressBar) for c in configured):
+            if sys.stdout.isatty():
+                callbacks = [*callbacks, RichProgressBar(leave=True)]
+            else:
+                from callbacks.progress import PlainProgress
+
+                every = self._stage_config().get("progress_every_s", 30.0)
+                callbacks = [*callbacks, PlainProgress(every_s=every)]
         return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
@@ -132,6 +217,7 @@ class FMProbeCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> FMProbeCLI:
+    """Build and run the CLI; errors propagate (``python train.py`` prints them as one line: ``cli.errors.run``)."""
     return FMProbeCLI(
         BackboneModule,
         BaseDataModule,
@@ -141,9 +227,10 @@ def main(args: list[str] | None = None) -> FMProbeCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"log_every_n_steps": 10},
         parser_kwargs={"default_env": False},
+        parser_class=OneLineErrorParser,
         args=args,
     )
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

@@ -1,10 +1,15 @@
 """``results.json`` beside the checkpoints, and the summary printed at the end of fit / test.
 
-The file holds the resolved config, versions, every epoch's scalar metrics, the sections that other
-callbacks contribute (any callback with a ``results_section() -> dict`` method, e.g. GeometryEval's
-initial / per-epoch / final geometry), the test metrics and the checkpoint paths. It is rewritten
-atomically after every epoch, so a crash leaves the last complete version; its history is part of
-the checkpoint, so a resumed run continues the same file.
+A fit's file holds its status (``running``, ``finished``, ``interrupted``, ``failed`` with the error), the
+resolved config, versions, every epoch's scalar metrics, the sections that other callbacks contribute (any
+callback with a ``results_section() -> dict`` method, e.g. GeometryEval's initial / per-epoch / final
+geometry), the images skipped as unreadable (``on_bad_image: skip``) and the checkpoint paths. It is rewritten
+atomically after every epoch, so a crash leaves the last complete version; its history is part of the
+checkpoint, so a resumed run continues the same file.
+
+``validate`` / ``test`` / ``predict`` on a checkpoint add a section of their own (``test``: the metrics, the
+checkpoint, status, seconds) by an atomic read-modify-write that keeps everything else, and a fit keeps those
+sections when it rewrites the file.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.io import atomic_write_json
+
+#: Sections written by the commands run on a fit's checkpoint (cli.rundir.STAGE_SECTIONS).
+STAGE_SECTIONS = ("validate", "test", "predict")
+#: How many skipped image paths results.json lists (the count is always complete).
+SKIPPED_EXAMPLES = 10
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
@@ -40,6 +50,13 @@ def versions() -> dict[str, str]:
             "timm": timm.__version__, "transformers": transformers.__version__}
 
 
+def skipped_images(datamodule) -> dict[str, Any]:
+    """Images left out as unreadable (``on_bad_image: skip``): the count and the first few paths."""
+    paths = list(getattr(datamodule, "skipped_image_paths", None) or [])
+    count = int(getattr(datamodule, "skipped_images", 0) or 0)
+    return {"count": max(count, len(paths)), "examples": paths[:SKIPPED_EXAMPLES]}
+
+
 class ResultsWriter(L.Callback):
     """Writes ``<run dir>/results.json`` and prints a summary table at the end of fit and test.
 
@@ -55,6 +72,7 @@ class ResultsWriter(L.Callback):
         self.epochs: list[dict] = []
         self.test: dict[str, float] = {}
         self.started = time.time()
+        self.status = "running"
 
     # -- where ------------------------------------------------------------------------------------
     def path(self, trainer: L.Trainer) -> Path:
@@ -73,15 +91,24 @@ class ResultsWriter(L.Callback):
         self.write(trainer)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.status = "interrupted" if trainer.interrupted else "finished"
         self.write(trainer)
         if self.print_summary:
             self.summary(trainer, "fit")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.test = {k: v for k, v in _scalars(trainer.callback_metrics).items() if k.startswith("test/")}
-        self.write(trainer)
+        self.write_stage(trainer, "test", self.test)
         if self.print_summary:
             self.summary(trainer, "test")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate" and not trainer.sanity_checking:
+            metrics = {k: v for k, v in _scalars(trainer.callback_metrics).items() if k.startswith("val/")}
+            self.write_stage(trainer, "validate", metrics)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write_stage(trainer, "predict", {"batches": sum(trainer.num_predict_batches)})
 
     def sections(self, trainer: L.Trainer) -> dict[str, Any]:
         found = {}
@@ -99,9 +126,10 @@ class ResultsWriter(L.Callback):
             "versions": versions(),
             "world_size": trainer.world_size,
             "scale": self.scale(trainer),
+            "status": self.status,
             "epochs": self.epochs,
             **self.sections(trainer),
-            "test": self.test,
+            "skipped_images": skipped_images(trainer.datamodule),
             "checkpoints": {
                 "last": getattr(checkpoint, "last_model_path", "") or "",
                 "best": getattr(checkpoint, "best_model_path", "") or "",
@@ -124,7 +152,23 @@ class ResultsWriter(L.Callback):
 
     @rank_zero_only
     def write(self, trainer: L.Trainer) -> None:
-        atomic_write_json(self.path(trainer), self.results(trainer))
+        from cli.rundir import read_results
+
+        results = self.results(trainer)
+        earlier = read_results(self.path(trainer))  # a test run on an earlier checkpoint keeps its section
+        results.update({key: earlier[key] for key in STAGE_SECTIONS if key in earlier})
+        atomic_write_json(self.path(trainer), results)
+
+    @rank_zero_only
+    def write_stage(self, trainer: L.Trainer, stage: str, metrics: dict) -> None:
+        """The ``<stage>`` section of the run's results.json, the fit's sections left as they are."""
+        from cli.rundir import update_results
+
+        section = {**metrics, "status": "finished", "ckpt_path": str(trainer.ckpt_path or ""),
+                   "config": f"config.{stage}.yaml", "skipped_images": skipped_images(trainer.datamodule),
+                   "seconds": round(time.time() - self.started, 2),
+                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        update_results(self.path(trainer), {stage: section})
 
     # -- resume ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -164,7 +208,7 @@ class ResultsWriter(L.Callback):
         console.print(f"run directory : {Path(trainer.default_root_dir).resolve()}")
         if last and Path(last).exists():
             console.print(f"checkpoint    : {last}")
-        config = Path(trainer.default_root_dir) / "config.yaml"
+        config = Path(trainer.default_root_dir) / ("config.yaml" if stage == "fit" else f"config.{stage}.yaml")
         if config.exists():
             console.print(f"config        : {config.resolve()}")
         console.print(f"results       : {self.path(trainer).resolve()}")

@@ -63,7 +63,8 @@ class BackboneModule(L.LightningModule):
         backbone_lr_scale: Backbone learning rate as a fraction of ``lr``.
         weight_decay: AdamW weight decay.
         warmup_epochs: Linear warm-up length before the cosine decay (``scheduler: cosine``).
-        scheduler: ``cosine`` (per step, with warm-up) or ``none``.
+        scheduler: ``cosine`` (per step, with warm-up; needs a run length) or ``none`` (constant lr, also with
+            ``max_epochs: -1``, Lightning's "no limit").
         on_nonfinite: ``error`` stops with epoch and batch named when the loss is NaN/Inf; ``skip`` skips the step.
         lr_scaling: How ``lr`` follows the effective batch size (per-device batch x devices x nodes x gradient
             accumulation) relative to ``lr_reference_batch_size``: ``none``, ``linear`` or ``sqrt``.
@@ -166,12 +167,28 @@ class BackboneModule(L.LightningModule):
             groups.append({"params": backbone_params, "lr": lr * self.hparams.backbone_lr_scale})
         return [g for g in groups if g["params"]]
 
+    def check_training_length(self, max_epochs: int | None, max_steps: int | None) -> None:
+        """The cosine schedule decays over the whole run, so it needs the run's length: with Lightning's
+        "no limit" (``max_epochs: -1`` and no ``max_steps``) it is an error; ``scheduler: none`` needs none."""
+        unlimited = (max_epochs is None or max_epochs < 0) and (max_steps is None or max_steps < 0)
+        if self.hparams.scheduler == "cosine" and unlimited:
+            raise ValueError(
+                "scheduler: cosine decays over the whole run, but --trainer.max_epochs -1 sets no end; give "
+                "--trainer.max_epochs N or --trainer.max_steps N, or use --model.init_args.scheduler none"
+            )
+
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameter_groups(), weight_decay=self.hparams.weight_decay)
         if self.hparams.scheduler == "none":
             return optimizer
+        self.check_training_length(self.trainer.max_epochs, self.trainer.max_steps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        steps_per_epoch = total / max(1, self.trainer.max_epochs or 1)
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
+            steps_per_epoch = total / self.trainer.max_epochs
+        else:  # bounded by max_steps only: an epoch is the loader's length
+            batches = self.trainer.num_training_batches
+            steps_per_epoch = (batches / max(1, self.trainer.accumulate_grad_batches)
+                               if math.isfinite(batches) else total)
         warmup = int(self.hparams.warmup_epochs * steps_per_epoch)
 
         def factor(step: int) -> float:

@@ -97,7 +97,8 @@ def test_end_to_end_replay_run_reports_r_metrics_and_keeps_its_memory(tmp_path):
     # `train.py test` scores the checkpoint on every experience's test set, one loader per experience.
     train.main(tiny_args(config, tmp_path, "replay-test", experiences=3, command="test",
                          extra=[*replay, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]))
-    tested = json.loads((tmp_path / "runs" / "replay-test" / "results.json").read_text())["test"]
+    # test adds its section to the checkpoint's run (not to --run_name): the fit's files stay as they were
+    tested = json.loads((run / "results.json").read_text())["test"]
     assert [tested[f"test/exp{j}/acc"] for j in range(3)] == pytest.approx(matrix[2].tolist(), abs=1e-6)
 
 

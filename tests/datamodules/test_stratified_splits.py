@@ -24,7 +24,7 @@ def write_tree(root, counts: dict[str, int]):
 
 
 def split_counts(dm) -> dict[str, Counter]:
-    return {name: Counter(int(l) for l in source_labels(getattr(dm.sources, name)))
+    return {name: Counter(int(label) for label in source_labels(getattr(dm.sources, name)))
             for name in ("train", "val", "test")}
 
 
