@@ -16,7 +16,7 @@ from fakes import one_torch_thread, write_cifar100, write_cub_official  # noqa: 
 
 import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("continual_*.yaml"))
 
 DATASET = "--data.init_args.dataset.init_args"
