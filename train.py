@@ -30,13 +30,13 @@ if __name__ == "__main__":  # a broken config file is reported before the heavy 
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 
-from callbacks.io import atomic_write_text  # noqa: E402
 from callbacks.results import ResultsWriter  # noqa: E402
 from callbacks.resume import ResumeState  # noqa: E402
 from cli import errors, rundir  # noqa: E402
 from datamodules.base import BaseDataModule  # noqa: E402
 from models.backbones import resolve_preprocessing  # noqa: E402
 from models.base import BackboneModule  # noqa: E402
+from report.io import atomic_write_text  # noqa: E402
 
 
 def preprocessing_for(backbone: str, image_size: int | None):

@@ -14,7 +14,6 @@ sections when it rewrites the file.
 
 from __future__ import annotations
 
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks.io import atomic_write_json
+from report.io import atomic_write_json
+from report.run_info import versions
 
 #: Sections written by the commands run on a fit's checkpoint (cli.rundir.STAGE_SECTIONS).
 STAGE_SECTIONS = ("validate", "test", "predict")
@@ -39,15 +39,6 @@ def _scalars(metrics: dict) -> dict[str, float]:
         elif isinstance(value, int | float):
             out[key] = float(value)
     return out
-
-
-def versions() -> dict[str, str]:
-    import lightning
-    import timm
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
-            "timm": timm.__version__, "transformers": transformers.__version__}
 
 
 def skipped_images(datamodule) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from callbacks.io import atomic_write_json
+from report.io import atomic_write_json
 from cli.errors import UsageError
 
 #: What makes a folder a run: any of these inside it.
