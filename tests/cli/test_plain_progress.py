@@ -14,7 +14,7 @@ def test_fit_prints_epoch_step_loss_speed_and_eta_when_not_a_terminal(tmp_path, 
     # pytest's captured stdout is not a terminal, like a log file under nohup
     train.main(["fit", *ARGS, "--runs_dir", str(tmp_path), "--run_name", "p", "--data.init_args.limit_data", "64",
                 "--data.init_args.batch_size", "16", "--trainer.max_epochs", "2", "--progress_every_s", "0",
-                "--trainer.callbacks.knn_ks", "[5]"])
+                "--trainer.callbacks.settings.knn_ks", "[5]"])
     out = capsys.readouterr().out
     steps = re.findall(r"epoch (\d)/2  step (\d+)/8  loss \d+\.\d{4}  [\d.]+ images/s  ETA \d+:\d\d:\d\d", out)
     assert len(steps) == 8 and steps[-1] == ("2", "8"), out[-3000:]

@@ -11,7 +11,7 @@ import train
 from cli.errors import UsageError
 
 QUICK = [*TINY_ARGS, "--data.init_args.limit_data", "48", "--data.init_args.batch_size", "16",
-         "--trainer.max_epochs", "1", "--trainer.callbacks.knn_ks", "[5]"]
+         "--trainer.max_epochs", "1", "--trainer.callbacks.settings.knn_ks", "[5]"]
 
 
 def fit(runs: Path, *extra: str):
