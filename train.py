@@ -175,6 +175,7 @@ class FMProbeCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except BaseException as error:
             errors.mark_run_phase(error)
+            errors.attach_path(error, self.run_dir)  # e.g. a checkpoint write on a full disk names no file
             if rundir.is_rank_zero():
                 interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
                 line = ("stopped by a signal; resume with --ckpt_path last" if interrupted

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from cli.errors import naming_path
 from report.io import atomic_write_json
 from report.run_info import versions
 
@@ -148,7 +149,8 @@ class ResultsWriter(L.Callback):
         results = self.results(trainer)
         earlier = read_results(self.path(trainer))  # a test run on an earlier checkpoint keeps its section
         results.update({key: earlier[key] for key in STAGE_SECTIONS if key in earlier})
-        atomic_write_json(self.path(trainer), results)
+        with naming_path(self.path(trainer)):
+            atomic_write_json(self.path(trainer), results)
 
     @rank_zero_only
     def write_stage(self, trainer: L.Trainer, stage: str, metrics: dict) -> None:
@@ -159,7 +161,8 @@ class ResultsWriter(L.Callback):
                    "config": f"config.{stage}.yaml", "skipped_images": skipped_images(trainer.datamodule),
                    "seconds": round(time.time() - self.started, 2),
                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        update_results(self.path(trainer), {stage: section})
+        with naming_path(self.path(trainer)):
+            update_results(self.path(trainer), {stage: section})
 
     # -- resume ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -17,6 +17,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -37,8 +38,11 @@ class UsageError(ValueError):
     """A command that must be changed before it can run (e.g. a run name already used, an unwritable folder)."""
 
 
+_debug_run = False  # set by run() for the command it runs (--debug), read by the parser's error handler
+
+
 def debug_requested(argv: Sequence[str] = ()) -> bool:
-    return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    return _debug_run or DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def mark_run_phase(error: BaseException) -> None:
@@ -47,6 +51,22 @@ def mark_run_phase(error: BaseException) -> None:
         setattr(error, PHASE_ATTR, "run")
     except AttributeError:  # a few built-in exceptions take no attributes
         pass
+
+
+def attach_path(error: BaseException, path) -> None:
+    """Name ``path`` in an OSError that names no file (a write to a full disk reports only ``Errno 28``)."""
+    if isinstance(error, OSError) and not error.filename:
+        error.filename = str(path)
+
+
+@contextmanager
+def naming_path(path):
+    """Around a write: an OSError raised inside names ``path``."""
+    try:
+        yield
+    except OSError as error:
+        attach_path(error, path)
+        raise
 
 
 def is_user_error(error: BaseException) -> bool:
@@ -101,7 +121,7 @@ def message_line(error: BaseException) -> str:
         reasons = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
         text = reasons[0] if reasons else text.split("\n")[0]
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = error.filename or getattr(error, "fmprobe_path", None) or "the output folder"
+        where = error.filename or "the output folder"
         return (f"no space left on the device while writing {where}; free some space, or write elsewhere "
                 "(--runs_dir, --cache_dir)")
     if isinstance(error, OSError) and error.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and error.filename:
@@ -124,21 +144,45 @@ def describe(error: BaseException) -> str:
     return line
 
 
+#: Lines of a jsonargparse message that only give its structure, never the reason.
+_STRUCTURE = ("Subtypes:", "Errors:", "Given value", UNION_WALL, "Subclass types expect", "- a class path",
+              "- a dict", "- Not a valid subclass", "- Expected a <class 'NoneType'>", "Problem with given class_path")
+
+
 def condense_parser_message(message: str, cause: BaseException | None = None) -> str:
-    """jsonargparse's (often multi-line) parse error as one line, keeping the key it names."""
-    if cause is not None and is_user_error(innermost(cause)) and innermost(cause) is not cause:
-        return describe(cause)
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    """jsonargparse's (often many-line, nested) parse error as one line: the deepest reason, with the full key
+    it belongs to (``--trainer.callbacks.settings.knn_ks``) and the class whose argument it is."""
+    if cause is not None:
+        inner = innermost(cause)
+        if inner is not cause and is_user_error(inner) and not _raised_in(inner, "jsonargparse"):
+            return describe(cause)  # e.g. a link's compute function refusing a value
+    lines = [(len(line) - len(line.lstrip()), line.strip()) for line in message.splitlines() if line.strip()]
     if not lines:
         return message
-    key = re.match(r'Parser key "([^"]+)":?', lines[0])
-    reasons = [line[2:] for line in lines if line.startswith("- ") and not line.startswith("- Expected a")]
-    detail = [line for line in lines[1:] if not line.startswith(("Subtypes:", "Given value", "Errors:"))
-              and UNION_WALL not in line]
-    specific = reasons[0] if reasons else (detail[-1] if detail else lines[0])
-    if key and key.group(1) not in specific:
-        return f"--{key.group(1)}: {specific}"
-    return specific if key else _squash(message)
+    reasons = [(indent, i) for i, (indent, text) in enumerate(lines) if not text.startswith(_STRUCTURE)
+               and not text.startswith("Parser key")]
+    if not reasons:
+        return _squash(message)
+    depth = max(indent for indent, _ in reasons)
+    at = next(i for indent, i in reasons if indent == depth)
+    reason = lines[at][1].removeprefix("- ")
+    keys, owner, level = [], None, depth
+    for indent, text in reversed(lines[:at]):  # the enclosing keys and class, innermost first
+        if indent >= level:
+            continue
+        level = indent
+        key = re.match(r'Parser key "([^"]+)"', text)
+        if key:
+            keys.insert(0, key.group(1))
+        found = re.match(r"- Problem with given class_path '([^']+)'", text)
+        if found and owner is None:
+            owner = found.group(1)
+    given = next((text.split(":", 1)[1].strip() for indent, text in lines
+                  if text.startswith("Given value:") and indent <= lines[0][0] + 2), None)
+    if given and "Got value" not in reason and not given.startswith(("NestedArg", "Namespace")):
+        reason += f", got {given}"
+    line = f"--{'.'.join(keys)}: {reason}" if keys else reason
+    return f"{line} ({owner})" if owner else line
 
 
 # -- config files, before anything heavy is imported -------------------------------------------------
@@ -195,15 +239,17 @@ def run_preflight(argv: Sequence[str]) -> None:
 
 def run(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> NoReturn:
     """Run ``main(argv)`` and exit: 0, or one ``error:`` line and status 2 (usage) / 1 (run-time failure)."""
+    global _debug_run
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = debug_requested(argv)
-    if debug:
-        os.environ[DEBUG_ENV] = "1"  # the parser's error handler reads it too
+    debug = _debug_run = debug_requested(argv)
     argv = [arg for arg in argv if arg != DEBUG_FLAG]
+    if from_command_line:  # LightningCLI warns when given args that differ from sys.argv
+        sys.argv[1:] = argv
     try:
         for value in config_paths(argv):
             check_config_file(value)
-        main(argv)
+        main(None if from_command_line else argv)
     except SystemExit:
         raise
     except KeyboardInterrupt:
@@ -214,4 +260,6 @@ def run(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) 
             raise
         print(f"error: {describe(error)}", file=sys.stderr)
         sys.exit(FAILURE if getattr(error, PHASE_ATTR, None) == "run" else USAGE)
+    finally:
+        _debug_run = False
     sys.exit(0)

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from report.io import atomic_write_json
 from cli.errors import UsageError
+from report.io import atomic_write_json
 
 #: What makes a folder a run: any of these inside it.
 RUN_MARKERS = ("config.yaml", "results.json", "checkpoints", "logs")
