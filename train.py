@@ -17,6 +17,7 @@ line (``cli/errors.py``; ``--debug`` for the traceback).
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 import time
@@ -73,6 +74,22 @@ def configure_loggers(trainer_config, run_dir: Path, run_name: str, stage: str =
             init_args["name"], init_args["version"] = name, init_args.get("version") or version
         if kind == "WandbLogger" and not init_args.get("name"):
             init_args["name"] = run_name if stage == "fit" else f"{run_name}-{stage}"
+
+
+def check_schedule(config) -> None:
+    """``max_epochs: -1`` with a schedule that needs the run's length fails now, before the model is built."""
+    if config.get("optimizer") or config.get("lr_scheduler"):
+        return  # LightningCLI's own optimizer / scheduler replace the module's
+    try:
+        module, _, name = config["model"]["class_path"].rpartition(".")
+        model_class = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
+        return  # the parser has reported a bad class path already
+    if getattr(model_class, "configure_optimizers", None) is not BackboneModule.configure_optimizers:
+        return  # a module with a schedule of its own (continual: per experience)
+    scheduler = (config["model"].get("init_args") or {}).get("scheduler", "cosine")
+    trainer = config["trainer"]
+    BackboneModule.check_training_length(scheduler, trainer.get("max_epochs"), trainer.get("max_steps"))
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -146,6 +163,7 @@ class FMProbeCLI(LightningCLI):
         run_dir = runs_dir / name
         rundir.check_writable(run_dir)
         if stage == "fit":
+            check_schedule(config)
             ckpt = config.get("ckpt_path")
             resuming = ckpt in ("last", "hpc") or (bool(ckpt) and rundir.is_inside(ckpt, run_dir))
             rundir.check_new_run(run_dir, bool(config.get("overwrite")), resuming)
@@ -163,10 +181,6 @@ class FMProbeCLI(LightningCLI):
             return
         if isinstance(self.datamodule, BaseDataModule):
             self.datamodule.check_sources()  # a missing data root or an empty split fails now
-        if self.subcommand == "fit" and "configure_optimizers" not in vars(self.model):  # not --lr_scheduler's
-            check = getattr(self.model, "check_training_length", None)
-            if check is not None:
-                check(self.trainer.max_epochs, self.trainer.max_steps)
         if getattr(self, "_replace", False) and rundir.is_rank_zero():
             rundir.remove_run(self.run_dir)
 

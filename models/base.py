@@ -167,11 +167,13 @@ class BackboneModule(L.LightningModule):
             groups.append({"params": backbone_params, "lr": lr * self.hparams.backbone_lr_scale})
         return [g for g in groups if g["params"]]
 
-    def check_training_length(self, max_epochs: int | None, max_steps: int | None) -> None:
+    @staticmethod
+    def check_training_length(scheduler: str, max_epochs: int | None, max_steps: int | None) -> None:
         """The cosine schedule decays over the whole run, so it needs the run's length: with Lightning's
-        "no limit" (``max_epochs: -1`` and no ``max_steps``) it is an error; ``scheduler: none`` needs none."""
+        "no limit" (``max_epochs: -1`` and no ``max_steps``) it is an error; ``scheduler: none`` needs none.
+        (train.py calls this on the parsed config, before anything is built.)"""
         unlimited = (max_epochs is None or max_epochs < 0) and (max_steps is None or max_steps < 0)
-        if self.hparams.scheduler == "cosine" and unlimited:
+        if scheduler == "cosine" and unlimited:
             raise ValueError(
                 "scheduler: cosine decays over the whole run, but --trainer.max_epochs -1 sets no end; give "
                 "--trainer.max_epochs N or --trainer.max_steps N, or use --model.init_args.scheduler none"
@@ -181,7 +183,7 @@ class BackboneModule(L.LightningModule):
         optimizer = torch.optim.AdamW(self.parameter_groups(), weight_decay=self.hparams.weight_decay)
         if self.hparams.scheduler == "none":
             return optimizer
-        self.check_training_length(self.trainer.max_epochs, self.trainer.max_steps)
+        self.check_training_length(self.hparams.scheduler, self.trainer.max_epochs, self.trainer.max_steps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
             steps_per_epoch = total / self.trainer.max_epochs
