@@ -19,6 +19,7 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
+from cli.errors import OneLineParserErrors
 from geometry.suite import DEFAULT_METRICS, MetricSettings
 
 log = logging.getLogger("fmprobe.probe")
@@ -27,8 +28,12 @@ log = logging.getLogger("fmprobe.probe")
 ARG_ALIASES = {"--no-cache": "--no_cache", "--rebuild-cache": "--rebuild_cache"}
 
 
+class Parser(OneLineParserErrors, ArgumentParser):
+    """probe.py's options; a bad one is reported as one ``error:`` line."""
+
+
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="probe.py", description=__doc__.split("\n\n")[0], default_env=False)
+    parser = Parser(prog="probe.py", description=__doc__.split("\n\n")[0], default_env=False)
     add = parser.add_argument
     add("--config", action=ActionConfigFile, help="A YAML file with any of these options (later flags override it).")
     add("--name", type=str | None, default=None,
@@ -104,4 +109,6 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from cli.errors import run
+
+    run(main)  # errors as one line (--debug or FMPROBE_DEBUG=1: with the traceback)

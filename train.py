@@ -106,14 +106,8 @@ class SaveRunConfig(SaveConfigCallback):
         self.already_saved = True
 
 
-class OneLineErrorParser(LightningArgumentParser):
+class OneLineErrorParser(errors.OneLineParserErrors, LightningArgumentParser):
     """jsonargparse's parser, reporting a bad option as one ``error:`` line (all of it with ``--debug``)."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        if not self.exit_on_error or errors.debug_requested():
-            return super().error(message, ex)
-        sys.stderr.write(f"error: {errors.condense_parser_message(message, ex)} (see --help)\n")
-        self.exit(errors.USAGE)
 
 
 class FMProbeCLI(LightningCLI):

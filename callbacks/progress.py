@@ -39,12 +39,13 @@ class PlainProgress(ProgressBar):
     Args:
         every_s: Seconds between lines.
         every_n_steps: Also print every N steps (None: by time only).
-        label: What a prediction pass is called in its lines (e.g. the backbone and dataset being extracted).
+        description: What a prediction pass is called in its lines (probe.py sets the backbone and dataset
+            being extracted, as on its Rich bar).
     """
 
-    def __init__(self, every_s: float = 30.0, every_n_steps: int | None = None, label: str = "predict"):
+    def __init__(self, every_s: float = 30.0, every_n_steps: int | None = None, description: str = "predict"):
         super().__init__()
-        self.every_s, self.every_n_steps, self.label = every_s, every_n_steps, label
+        self.every_s, self.every_n_steps, self.description = every_s, every_n_steps, description
         self._enabled = True
         self._reset()
 
@@ -129,11 +130,11 @@ class PlainProgress(ProgressBar):
         self._pass_start()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0):
-        self._pass_batch(trainer, batch, batch_idx, trainer.num_predict_batches, self.label)
+        self._pass_batch(trainer, batch, batch_idx, trainer.num_predict_batches, self.description)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         seconds = time.monotonic() - self._started
-        self._emit(trainer, f"{self.label}  done: {self._images} images in {seconds:.1f}s")
+        self._emit(trainer, f"{self.description}  done: {self._images} images in {seconds:.1f}s")
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._pass_start()

@@ -185,6 +185,17 @@ def condense_parser_message(message: str, cause: BaseException | None = None) ->
     return f"{line} ({owner})" if owner else line
 
 
+class OneLineParserErrors:
+    """Mixin for a jsonargparse parser class: a bad option is one ``error:`` line, exit 2 (all of it with
+    ``--debug``). Use as ``class Parser(OneLineParserErrors, ArgumentParser)``."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or debug_requested():
+            return super().error(message, ex)
+        sys.stderr.write(f"error: {condense_parser_message(message, ex)} (see --help)\n")
+        self.exit(USAGE)
+
+
 # -- config files, before anything heavy is imported -------------------------------------------------
 def config_paths(argv: Sequence[str]) -> list[str]:
     """The values given to ``--config`` / ``-c`` on the command line."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -81,17 +80,11 @@ def is_inside(path: str | Path, folder: Path) -> bool:
 
 def check_writable(folder: Path, what: str = "--runs_dir") -> None:
     """``folder`` (or the nearest existing parent, where it would be created) must be a writable directory."""
-    folder = Path(folder)
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{existing} is not a folder, so {folder} cannot be created; choose another {what}")
-    try:  # os.access ignores read-only mounts and ACLs: really create a file
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise UsageError(f"cannot write to {folder} ({existing}: {error.strerror}); choose another {what}") from None
+    from probing.cache import unwritable_reason  # one rule for run and cache folders
+
+    problem = unwritable_reason(folder)
+    if problem:
+        raise UsageError(f"cannot write to {folder} ({problem}); choose another {what}")
 
 
 def remove_run(run_dir: Path) -> None:

@@ -9,6 +9,11 @@ are written atomically (temp file + rename), the features first, so a reader nev
 
 Layout: ``<root>/<backbone>/<dataset>/<split>-<layer>-<digest>.safetensors`` (+ ``.json``), where ``digest`` is
 the sha256 of the canonical JSON of the key.
+
+A cache folder that cannot be written (read-only, no permission, not a folder) is detected when the cache is
+opened, before any extraction: the run goes on without writing the cache (existing entries are still read), with
+a warning naming the folder. A write that fails later (a full disk) removes what it wrote, warns naming the
+file, and stops writing for the rest of the run; the run itself continues.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -47,6 +53,21 @@ def key_digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(key).encode()).hexdigest()
 
 
+def unwritable_reason(folder: Path) -> str | None:
+    """Why files cannot be created in ``folder`` (or where it would be created), or None when they can."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:  # os.access misses read-only mounts: really create (and remove) a file
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        return f"{existing}: {error.strerror or error}"
+    return None
+
+
 class CorruptCacheEntry(ValueError):
     """A cache entry that must not be used (and is rebuilt)."""
 
@@ -66,6 +87,13 @@ class FeatureCache:
         self.root = Path(root) if root is not None else default_cache_dir()
         self.enabled, self.rebuild, self.writable = enabled, rebuild, writable
         self.stats: Counter = Counter()
+        if self.enabled and self.writable:
+            problem = unwritable_reason(self.root)
+            if problem:
+                log.warning("feature cache %s cannot be written (%s): running without caching new features "
+                            "(set --cache_dir to a writable folder, or --no_cache)", self.root, problem)
+                self.writable = False
+                self.stats["unwritable"] = 1
 
     def path_for(self, key: dict[str, Any]) -> Path:
         """Where the entry of ``key`` lives; ``key`` names backbone, dataset, split and layer."""
@@ -159,11 +187,19 @@ class FeatureCache:
         tensors = {name: value.detach().cpu().contiguous() for name, value in features.items()}
         data = save_safetensors(tensors, metadata={"fmprobe_cache_format": str(CACHE_FORMAT),
                                                    "key": canonical_json(key)})
-        atomic_write_bytes(path, data)
-        atomic_write_json(self.sidecar(path), {
-            "format": CACHE_FORMAT, "key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-            "rows": int(tensors["embedding"].shape[0]), "dim": int(tensors["embedding"].shape[1]),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        })
+        sidecar = {"format": CACHE_FORMAT, "key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                   "rows": int(tensors["embedding"].shape[0]), "dim": int(tensors["embedding"].shape[1]),
+                   "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        try:
+            atomic_write_bytes(path, data)
+            atomic_write_json(self.sidecar(path), sidecar)
+        except OSError as error:  # e.g. the disk filled up: no half entry, no more writes, the run goes on
+            for written in (self.sidecar(path), path):
+                written.unlink(missing_ok=True)
+            log.warning("feature cache: cannot write %s (%s); running without caching from here on",
+                        path, error.strerror or error)
+            self.writable = False
+            self.stats["write_failed"] += 1
+            return None
         self.stats["written"] += 1
         return path

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import time
 import warnings
 from typing import Any
@@ -120,6 +121,15 @@ class FeatureExtractor(L.LightningModule):
                          for name, column in zip(self.layer_names, columns)}
 
 
+def progress_bar():
+    """Rich's bar on a terminal; plain lines (batch, images/s, ETA every 30 s) in a log file (nohup, SLURM)."""
+    if sys.stdout.isatty():
+        return _DescribedProgressBar(leave=True)
+    from callbacks.progress import PlainProgress
+
+    return PlainProgress()
+
+
 class ExtractionRunner:
     """Runs ``FeatureExtractor`` on one Trainer, reused for every extraction of the run.
 
@@ -145,7 +155,7 @@ class ExtractionRunner:
         self.progress = progress
         self.calls = 0
         self._trainer: L.Trainer | None = None
-        self._bar = _DescribedProgressBar(leave=True) if progress else None
+        self._bar = progress_bar() if progress else None
 
     @property
     def trainer(self) -> L.Trainer:

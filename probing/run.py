@@ -85,10 +85,7 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
     is_rank_zero = rank_zero_only.rank == 0
     run_dir = Path(cfg.runs_dir) / f"probe-{cfg.name or time.strftime('%Y%m%d-%H%M%S')}"
     config = {k: v for k, v in cfg.as_dict().items() if k != "config"}
-    if is_rank_zero:
-        from report.io import atomic_write_text
-
-        atomic_write_text(run_dir / "config.yaml", config_text)
+    check_before_work(backbones, run_dir)
 
     cache = FeatureCache(cfg.cache_dir, enabled=cfg.cache, rebuild=cfg.rebuild_cache, writable=is_rank_zero)
     runner = ExtractionRunner(cfg.accelerator, cfg.devices, cfg.strategy, cfg.num_nodes, cfg.precision,
@@ -134,10 +131,26 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
             tables.append(table)
     plot_paths = draw_plots(run_dir / "plots", rows, cka_section, features, modules, pairs, cfg, settings) \
         if cfg.plots else []
+    from report.io import atomic_write_text
+
+    # Written with the results, not before the work: a probe that fails leaves an earlier run's files as they were.
+    atomic_write_text(run_dir / "config.yaml", config_text)
     return finish(run_dir, rows, config, versions(), cka_section, comparisons, tables, collector, cache, runner,
                   plot_paths, [b.id for b in backbones], extraction_seconds, started)
 
 
+
+
+def check_before_work(backbones, run_dir: Path) -> None:
+    """What would fail after minutes of extraction fails now: an unknown backbone name, an unwritable run folder."""
+    from models.backbone_registry import resolve_spec
+    from probing.cache import unwritable_reason
+
+    for entry in backbones:
+        resolve_spec(entry.name)
+    problem = unwritable_reason(run_dir)
+    if problem:
+        raise ValueError(f"cannot write the probe's results to {run_dir} ({problem}); choose another --runs_dir")
 
 
 def check_pairs(pairs: list[dict[str, str]] | None, labels: list[str]) -> list[tuple[str, str]]:

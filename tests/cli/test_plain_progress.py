@@ -20,3 +20,17 @@ def test_fit_prints_epoch_step_loss_speed_and_eta_when_not_a_terminal(tmp_path, 
     assert len(steps) == 8 and steps[-1] == ("2", "8"), out[-3000:]
     assert re.search(r"epoch 2/2 done in [\d.]+s: .*train/loss \d\.\d{4}.*val/acc", out)
     assert "\r" not in out  # no bar redrawn into the log
+
+
+def test_probe_extraction_prints_plain_lines_when_not_a_terminal(tmp_path, capsys):
+    import probe
+
+    probe.main(["--name", "p", "--runs_dir", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "cache"),
+                "--backbones", '[{name: convnext-tiny, weights: random, image_size: 32, '
+                               'overrides: {dims: [8, 16, 32, 64], depths: [1, 1, 1, 1]}}]',
+                "--datasets", "[{name: digits, init_args: {limit_data: 60}}]", "--metrics", "[knn]",
+                "--settings.knn_ks", "[5]", "--num_workers", "0", "--no_plots"])
+    out = capsys.readouterr().out
+    done = re.findall(r"^(.+)  done: (\d+) images in [\d.]+s$", out, flags=re.M)
+    assert len(done) == 2 and done[0][1] == "60", out[-2000:]  # bank and query extraction, each named
+    assert "\r" not in out
