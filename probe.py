@@ -155,7 +155,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     run_dir = Path(cfg.runs_dir) / f"probe-{cfg.name or time.strftime('%Y%m%d-%H%M%S')}"
     config = {k: v for k, v in cfg.as_dict().items() if k != "config"}
     if is_rank_zero:
-        from callbacks.io import atomic_write_text
+        from report.io import atomic_write_text
 
         atomic_write_text(run_dir / "config.yaml", parser.dump(cfg))
 

@@ -14,7 +14,7 @@ batch, which sees the same weights) it measures:
   linear CKA per block between the two (``geometry.cka.linear_cka``) on a fixed seeded sample of test images.
 
 Under DDP every rank scores a disjoint, unpadded shard and the counts are summed, so R equals the one-process
-R; features for geometry and CKA are gathered by sample index (``callbacks.extract``). Numbers go to every
+R; features for geometry and CKA are gathered by sample index (``features.extract``). Numbers go to every
 logger (``continual/R_<i>_<j>``, ``continual/acc_exp<j>``, ``continual/acc``, ``continual/forgetting``, ...),
 to ``results.json`` (section ``continual``) and to two heatmaps in ``<run dir>/plots/``: R and CKA (experience
 x block). The callback reads the module's ``backbone``, ``embed`` and ``logits(images, task, upto)``, and the
@@ -27,37 +27,14 @@ import copy
 import math
 
 import lightning as L
-import matplotlib.pyplot as plt
 import torch
 
-from callbacks.cka import block_features, cka_heatmap
-from callbacks.extract import extract, gather_by_index, seeded_subset, shard_loader
 from callbacks.geometry import geometry_metrics
 from callbacks.plots import log_figure
 from datamodules.continual import rank_shard
+from features.extract import block_features, extract, gather_by_index, seeded_subset, shard_loader
 from geometry.continual import cl_metrics
-
-
-def accuracy_matrix_figure(matrix: list[list[float | None]], title: str = "accuracy R[i][j]"):
-    """Annotated heatmap of R (rows: after training experience i; columns: tested on experience j)."""
-    values = torch.tensor([[math.nan if v is None else v for v in row] for row in matrix],
-                          dtype=torch.float64)
-    size = len(matrix)
-    figure, axis = plt.subplots(figsize=(1.6 + 0.6 * size, 1.2 + 0.55 * size))
-    image = axis.imshow(values.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
-    for i in range(size):
-        for j in range(size):
-            if not math.isnan(values[i, j]):
-                axis.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                          color="white" if values[i, j] < 0.6 else "black")
-    axis.set_xticks(range(size))
-    axis.set_yticks(range(size))
-    axis.set_xlabel("tested on experience j")
-    axis.set_ylabel("after training experience i")
-    axis.set_title(title)
-    figure.colorbar(image, ax=axis, fraction=0.046)
-    figure.tight_layout()
-    return figure
+from report.figures import accuracy_matrix_figure, cka_heatmap
 
 
 class ContinualEval(L.Callback):

@@ -3,7 +3,7 @@
 It reads only what every fmprobe module exposes (``embed(images)``) and what every fmprobe DataModule
 offers (``bank_dataset()``: un-augmented train images; ``query_dataset()``: val, else test; optionally
 ``novel_dataset()`` for held-out sub-classes). Under DDP each rank embeds its shard and the features
-are gathered by sample index (``callbacks.extract``), so every sample counts once and N processes give
+are gathered by sample index (``features.extract``), so every sample counts once and N processes give
 the one-process numbers. Metrics are computed on rank 0 by ``geometry/`` and broadcast, so every rank
 logs the same values. Keys: ``geometry/knn_top1@<k>``, ``geometry/knn_top5@<k>``, ``geometry/kmeans_ari``,
 ``geometry/kmeans_nmi``, ``geometry/linear_probe_acc``, ``geometry/fewshot_<K>shot_acc`` and, with a
@@ -19,7 +19,7 @@ import warnings
 import lightning as L
 import torch
 
-from callbacks.extract import (
+from features.extract import (
     bytes_needed,
     describe_bytes,
     eval_mode,

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks.io import atomic_write_json
+from report.io import atomic_write_json
 
 
 def _scalars(metrics: dict) -> dict[str, float]:

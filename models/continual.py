@@ -217,8 +217,8 @@ class ContinualModule(BackboneModule):
     def _fisher(self, experience: int) -> dict[str, torch.Tensor]:
         from torch.func import functional_call
 
-        from callbacks.extract import seeded_subset
         from datamodules.continual import rank_shard
+        from features.extract import seeded_subset
 
         datamodule, trainer = self.trainer.datamodule, self.trainer
         dataset = seeded_subset(datamodule.experience_dataset(experience, "train", augment=False),

@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers.tiny import run_train
 
-from callbacks.extract import deduplicate_by_index, gather_by_index
 from callbacks.geometry import geometry_metrics
+from features.extract import deduplicate_by_index, gather_by_index
 from geometry.kmeans import clustering_scores
 from geometry.knn import knn_accuracy
 from geometry.linear_probe import linear_probe_accuracy
