@@ -124,3 +124,25 @@ def test_step_scalars_and_bookkeeping_are_not_metrics(tmp_path):
     metrics = {key[-1] for key in run_metrics(_train_results(tmp_path / "a", 0))}
     assert "train/loss_step" not in metrics and "epoch" not in metrics and "wall_time_s" not in metrics
     assert "geometry/knn_top1@10" in metrics and "continual/acc" in metrics
+
+
+def test_cli_writes_csv_markdown_and_plot_with_the_same_numbers(runs, tmp_path):
+    import csv
+
+    from probing.aggregate import main
+
+    train, other, probe = runs
+    out = main([*map(str, train), str(other), *map(str, probe), "--out", str(tmp_path / "agg")])
+    assert {p.name for p in out["paths"].values()} == {"aggregate.csv", "aggregate.md", "aggregate.png"}
+    with open(out["paths"]["csv"], newline="") as handle:
+        written = list(csv.DictReader(handle))
+    assert len(written) == len(out["rows"])
+    values = np.array([TRAIN_VALUES[s]["test"] for s in range(3)])
+    row = next(r for r in written if r["group"] == "digits-seed" and r["metric"] == "test/acc")
+    assert float(row["mean"]) == np.mean(values) and float(row["std"]) == pytest.approx(np.std(values, ddof=1))
+    assert row["n"] == "3" and next(r for r in written if r["group"] == "digits-lr")["std"] == ""
+    text = out["paths"]["md"].read_text()
+    assert "ddof = 1" in text and f"| test/acc | {np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} | 3 |" in text
+    assert "| digits / resnet18 / final / cka_backbones vs vit_tiny |" in text
+    assert out["paths"]["png"].read_bytes()[:4] == b"\x89PNG"
+    assert not list((tmp_path / "agg").glob(".*.tmp"))  # atomic writes leave no temp file behind
