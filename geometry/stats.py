@@ -24,10 +24,12 @@ import torch
 CHUNK_ELEMENTS = 1 << 22
 
 
-def _per_query(values, name: str) -> torch.Tensor:
+def _per_query(values, name: str, columns: bool = False) -> torch.Tensor:
+    """A non-empty (N,) per-query vector; with ``columns``, also (N, K): K metrics on the same N queries."""
     values = torch.as_tensor(values)
-    if values.ndim != 1 or values.numel() == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D per-query vector, got shape {tuple(values.shape)}")
+    if values.ndim not in ((1, 2) if columns else (1,)) or values.shape[0] == 0 or values.numel() == 0:
+        what = "(N,) or (N, K)" if columns else "1-D (N,)"
+        raise ValueError(f"{name} must be a non-empty {what} per-query tensor, got shape {tuple(values.shape)}")
     return values
 
 
@@ -53,21 +55,23 @@ def bootstrap_indices(n: int, n_boot: int, seed: int = 0, device: torch.device |
         yield torch.randint(0, n, (size, n), generator=generator, device=device)
 
 
-def _percentile_interval(stats: torch.Tensor, level: float) -> tuple[float, float]:
-    """Percentile interval with linear interpolation between order statistics (numpy's default method)."""
+def _percentile_interval(stats: torch.Tensor, level: float):
+    """Percentile interval with linear interpolation between order statistics (numpy's default method), over
+    the B resamples (dim 0): two floats for (B,) statistics, two (K,) CPU tensors for (B, K)."""
     tail = (1.0 - level) / 2.0
     q = torch.tensor([tail, 1.0 - tail], dtype=torch.float64, device=stats.device)
-    low, high = torch.quantile(stats.double(), q).tolist()
-    return low, high
+    low, high = torch.quantile(stats.double(), q, dim=0).cpu()
+    return (float(low), float(high)) if stats.ndim == 1 else (low, high)
 
 
 def bootstrap_ci_stat(stat_fn: Callable[..., torch.Tensor], *per_query: torch.Tensor, n_boot: int = 1000,
-                      level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+                      level: float = 0.95, seed: int = 0):
     """Percentile bootstrap interval of a statistic that is vectorised over resamples.
 
     Args:
         stat_fn: Receives each of ``per_query`` resampled, shape (rows, N, ...), and returns one value per
-            row, shape (rows,). Every tensor is resampled with the SAME indices (paired resampling).
+            row, shape (rows,), or K values, (rows, K): then the result is two (K,) tensors. Every tensor is
+            resampled with the SAME indices (paired resampling).
         per_query: Tensors whose first dimension is the N queries.
         n_boot: Number of resamples B.
         level: Coverage of the interval (0.95: the 2.5th and 97.5th percentiles).
@@ -81,26 +85,34 @@ def bootstrap_ci_stat(stat_fn: Callable[..., torch.Tensor], *per_query: torch.Te
         raise ValueError(f"per-query tensors must share a non-zero first dimension, got "
                          f"{[tuple(t.shape) for t in per_query]}")
     device = per_query[0].device
-    stats = [stat_fn(*(t[index] for t in per_query)) for index in bootstrap_indices(n, n_boot, seed, device)]
+    width = max(t[0].numel() for t in per_query)  # values per query: the gathered chunk is rows x N x width
+    chunks = bootstrap_indices(n, n_boot, seed, device, chunk_elements=max(n, CHUNK_ELEMENTS // width))
+    stats = [stat_fn(*(t[index] for t in per_query)) for index in chunks]
     return _percentile_interval(torch.cat(stats), level)
 
 
 def _row_mean(resampled: torch.Tensor) -> torch.Tensor:
-    return resampled.double().mean(dim=1)
+    return resampled.mean(dim=1)
 
 
-def bootstrap_ci(correct, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of a per-query 0/1 (or score) vector: ``(low, high)``."""
-    return bootstrap_ci_stat(_row_mean, _per_query(correct, "correct"), n_boot=n_boot, level=level, seed=seed)
+def bootstrap_ci(correct, n_boot: int = 1000, level: float = 0.95, seed: int = 0):
+    """Percentile bootstrap interval of the mean of a per-query 0/1 (or score) vector: ``(low, high)``.
+
+    ``correct`` may also be (N, K), K metrics on the same queries (kNN at several k, say): they share the
+    resamples, and ``low`` and ``high`` are (K,) tensors, entry k equal to ``bootstrap_ci(correct[:, k])``
+    (exactly on CPU, where the resamples do not depend on the chunking).
+    """
+    values = _per_query(correct, "correct", columns=True).double()  # once, not per resample: float64 means are exact for 0/1
+    return bootstrap_ci_stat(_row_mean, values, n_boot=n_boot, level=level, seed=seed)
 
 
-def paired_bootstrap_ci(a, b, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def paired_bootstrap_ci(a, b, n_boot: int = 1000, level: float = 0.95, seed: int = 0):
     """Interval of ``mean(a) - mean(b)`` over the same queries, both resampled with the same indices.
 
     Resampling both with one index set is the same as resampling the per-query differences, since
     ``mean(a[i]) - mean(b[i]) = mean((a - b)[i])``; the difference is what is resampled.
     """
-    a, b = _per_query(a, "a"), _per_query(b, "b")
+    a, b = _per_query(a, "a", columns=True), _per_query(b, "b", columns=True)
     if a.shape != b.shape:
         raise ValueError(f"a and b must be measured on the same queries, got shapes {tuple(a.shape)}, "
                          f"{tuple(b.shape)}")

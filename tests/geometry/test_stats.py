@@ -25,13 +25,24 @@ def _resamples(n: int, n_boot: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize(("level", "lo", "hi"), [(0.95, 0.93, 0.97), (0.80, 0.76, 0.84)])
 def test_bootstrap_interval_covers_the_true_accuracy_at_its_level(level, lo, hi):
     # 400 seeded data sets of 200 Bernoulli(0.8) queries: the interval must cover 0.8 about `level` of the time.
+    # The data sets are the K = 400 columns of one call (vectorised); they share the B = 1000 resample indices,
+    # which are independent of the data, so the 400 coverage events stay independent.
     true_accuracy, n_reps, n = 0.8, 400, 200
-    correct = (torch.rand(n_reps, n, generator=torch.Generator().manual_seed(0)) < true_accuracy).float()
-    covered = 0
-    for rep in range(n_reps):
-        low, high = bootstrap_ci(correct[rep], n_boot=1000, level=level, seed=rep)
-        covered += low <= true_accuracy <= high
-    assert lo <= covered / n_reps <= hi
+    correct = (torch.rand(n, n_reps, generator=torch.Generator().manual_seed(0)) < true_accuracy).float()
+    low, high = bootstrap_ci(correct, n_boot=1000, level=level, seed=0)
+    assert low.shape == high.shape == (n_reps,)
+    covered = ((low <= true_accuracy) & (true_accuracy <= high)).double().mean().item()
+    assert lo <= covered <= hi
+
+
+def test_columns_are_separate_metrics_on_the_same_resamples():
+    gen = torch.Generator().manual_seed(12)
+    correct = (torch.rand(60, 3, generator=gen) < torch.tensor([0.5, 0.7, 0.9])).float()
+    low, high = bootstrap_ci(correct, n_boot=300, seed=13)
+    for k in range(3):
+        assert (low[k].item(), high[k].item()) == bootstrap_ci(correct[:, k], n_boot=300, seed=13)
+    low, high = paired_bootstrap_ci(correct[:, 1:], correct[:, :1].expand(60, 2), n_boot=300, seed=13)
+    assert (low[1].item(), high[1].item()) == paired_bootstrap_ci(correct[:, 2], correct[:, 0], n_boot=300, seed=13)
 
 
 def test_bootstrap_interval_is_the_numpy_percentile_of_the_same_resamples():
@@ -121,5 +132,7 @@ def test_inputs_are_checked():
         mcnemar_p(torch.ones(3), torch.ones(4))
     with pytest.raises(ValueError, match="level"):
         bootstrap_ci(torch.ones(3), level=1.5)
-    with pytest.raises(ValueError, match="1-D"):
+    with pytest.raises(ValueError, match="non-empty"):
         bootstrap_ci(torch.ones(0))
+    with pytest.raises(ValueError, match="1-D"):
+        mcnemar_p(torch.ones(3, 2), torch.ones(3, 2))
