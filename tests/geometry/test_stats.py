@@ -22,9 +22,10 @@ def _resamples(n: int, n_boot: int, seed: int) -> np.ndarray:
     return torch.cat(list(bootstrap_indices(n, n_boot, seed))).numpy()
 
 
-@pytest.mark.parametrize(("level", "lo", "hi"), [(0.95, 0.93, 0.97), (0.80, 0.76, 0.84)])
+@pytest.mark.parametrize(("level", "lo", "hi"), [(0.95, 0.93, 0.97), (0.80, 0.74, 0.86)])
 def test_bootstrap_interval_covers_the_true_accuracy_at_its_level(level, lo, hi):
-    # 400 seeded data sets of 200 Bernoulli(0.8) queries: the interval must cover 0.8 about `level` of the time.
+    # 400 seeded data sets of 200 Bernoulli(0.8) queries: the interval must cover 0.8 about `level` of the time
+    # (0.95: the 93-97%; 0.80: +-3 binomial standard errors of a 400-trial frequency, 0.02 each).
     # The data sets are the K = 400 columns of one call (vectorised); they share the B = 1000 resample indices,
     # which are independent of the data, so the 400 coverage events stay independent.
     true_accuracy, n_reps, n = 0.8, 400, 200
