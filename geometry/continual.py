@@ -82,6 +82,8 @@ def stability_metrics(curves: Sequence[Sequence[tuple[float, float]]], ends: Seq
     k = len(ends)
     if k == 0:
         raise ValueError("ends is empty: no experience has been trained")
+    if any(float(a) >= float(b) for a, b in zip(ends, ends[1:])):
+        raise ValueError(f"ends must increase (experience j ends before j + 1), got {list(ends)}")
     if len(curves) < k:
         raise ValueError(f"need a curve for each of the {k} trained experiences, got {len(curves)}")
     now = float(ends[-1])

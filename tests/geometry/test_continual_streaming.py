@@ -148,3 +148,5 @@ def test_stability_metrics_refuse_a_missing_measurement():
         stability_metrics([[(5, 0.5), (10, 0.9)], [(20, 0.8)]], [10, 20])
     with pytest.raises(ValueError, match="a curve for each"):
         stability_metrics(CURVES[:1], ENDS)
+    with pytest.raises(ValueError, match="must increase"):
+        stability_metrics(CURVES, [10, 30, 20])
