@@ -10,7 +10,8 @@ two-sided McNemar test on paired per-query correctness.
 The resamples are drawn by ``bootstrap_indices`` with ``torch.randint`` from a generator seeded with ``seed``
 on the data's device, in chunks of rows so that memory stays bounded (never more than about
 ``CHUNK_ELEMENTS`` indices at once). On CPU the indices do not depend on the chunk size (the generator is
-consumed row after row); on CUDA they are a fixed function of (seed, N, B).
+consumed row after row); on CUDA they are a fixed function of (seed, N, B) and, for ``bootstrap_ci_stat``, of
+the number of values per query (which sets the chunk size).
 """
 
 from __future__ import annotations
@@ -64,6 +65,25 @@ def _percentile_interval(stats: torch.Tensor, level: float):
     return (float(low), float(high)) if stats.ndim == 1 else (low, high)
 
 
+def _check_per_query(per_query: tuple[torch.Tensor, ...]) -> int:
+    if not per_query:
+        raise ValueError("a bootstrap needs at least one per-query tensor")
+    n = per_query[0].shape[0]
+    if n == 0 or any(t.shape[0] != n for t in per_query):
+        raise ValueError(f"per-query tensors must share a non-zero first dimension, got "
+                         f"{[tuple(t.shape) for t in per_query]}")
+    return n
+
+
+def _bootstrap(stat_of_resamples: Callable[[torch.Tensor], torch.Tensor], n: int, n_boot: int, level: float,
+               seed: int, device: torch.device, width: int):
+    """The percentile interval of ``stat_of_resamples(index)`` over all resamples; ``width`` values per query
+    are held per resampled index, so chunks shrink as it grows."""
+    _check_level(level, n_boot)
+    chunks = bootstrap_indices(n, n_boot, seed, device, chunk_elements=max(n, CHUNK_ELEMENTS // max(width, 1)))
+    return _percentile_interval(torch.cat([stat_of_resamples(index) for index in chunks]), level)
+
+
 def bootstrap_ci_stat(stat_fn: Callable[..., torch.Tensor], *per_query: torch.Tensor, n_boot: int = 1000,
                       level: float = 0.95, seed: int = 0):
     """Percentile bootstrap interval of a statistic that is vectorised over resamples.
@@ -77,22 +97,10 @@ def bootstrap_ci_stat(stat_fn: Callable[..., torch.Tensor], *per_query: torch.Te
         level: Coverage of the interval (0.95: the 2.5th and 97.5th percentiles).
         seed: Seed of the resamples.
     """
-    _check_level(level, n_boot)
-    if not per_query:
-        raise ValueError("bootstrap_ci_stat needs at least one per-query tensor")
-    n = per_query[0].shape[0]
-    if n == 0 or any(t.shape[0] != n for t in per_query):
-        raise ValueError(f"per-query tensors must share a non-zero first dimension, got "
-                         f"{[tuple(t.shape) for t in per_query]}")
-    device = per_query[0].device
-    width = max(t[0].numel() for t in per_query)  # values per query: the gathered chunk is rows x N x width
-    chunks = bootstrap_indices(n, n_boot, seed, device, chunk_elements=max(n, CHUNK_ELEMENTS // width))
-    stats = [stat_fn(*(t[index] for t in per_query)) for index in chunks]
-    return _percentile_interval(torch.cat(stats), level)
-
-
-def _row_mean(resampled: torch.Tensor) -> torch.Tensor:
-    return resampled.mean(dim=1)
+    n = _check_per_query(per_query)
+    width = max(t[0].numel() for t in per_query)  # the gathered chunk is rows x N x width
+    return _bootstrap(lambda index: stat_fn(*(t[index] for t in per_query)), n, n_boot, level, seed,
+                      per_query[0].device, width)
 
 
 def bootstrap_ci(correct, n_boot: int = 1000, level: float = 0.95, seed: int = 0):
@@ -101,9 +109,21 @@ def bootstrap_ci(correct, n_boot: int = 1000, level: float = 0.95, seed: int = 0
     ``correct`` may also be (N, K), K metrics on the same queries (kNN at several k, say): they share the
     resamples, and ``low`` and ``high`` are (K,) tensors, entry k equal to ``bootstrap_ci(correct[:, k])``
     (exactly on CPU, where the resamples do not depend on the chunking).
+
+    A resample's mean is its multiplicities (how often each query was drawn, a bincount of its indices)
+    times the values, over N: one (rows x N) @ (N x K) product per chunk, whatever K.
     """
-    values = _per_query(correct, "correct", columns=True).double()  # once, not per resample: float64 means are exact for 0/1
-    return bootstrap_ci_stat(_row_mean, values, n_boot=n_boot, level=level, seed=seed)
+    values = _per_query(correct, "correct", columns=True).double()  # float64: exact sums of 0/1 up to 2^53
+    n = values.shape[0]
+    columns = values if values.ndim == 2 else values[:, None]
+
+    def resampled_means(index: torch.Tensor) -> torch.Tensor:
+        drawn = torch.zeros(index.shape[0], n, dtype=torch.float64, device=index.device)
+        drawn.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float64))
+        means = drawn @ columns / n
+        return means if values.ndim == 2 else means[:, 0]
+
+    return _bootstrap(resampled_means, n, n_boot, level, seed, values.device, width=1)
 
 
 def paired_bootstrap_ci(a, b, n_boot: int = 1000, level: float = 0.95, seed: int = 0):
