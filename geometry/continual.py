@@ -64,8 +64,9 @@ def stability_metrics(curves: Sequence[Sequence[tuple[float, float]]], ends: Seq
     """min-ACC and WC-ACC of the stability gap (De Lange et al. 2023) at the end of the current experience.
 
     Args:
-        curves: ``curves[j]`` is the list of ``(step, accuracy)`` measured on experience ``j``'s test data (any
-            order; entries for experiences not yet trained are ignored).
+        curves: ``curves[j]`` is the list of ``(step, accuracy)`` measured on experience ``j``'s test data, in
+            any order; curves of experiences beyond the k trained ones, and steps after ``ends[k-1]``, are
+            ignored.
         ends: ``ends[j]`` is the step at which experience ``j``'s training ended; the last one trained is the
             current experience, ``k = len(ends)``.
 
