@@ -10,7 +10,7 @@ batch, which sees the same weights) it measures:
 * ``random_init_acc[j]``: the same accuracies of the model at fit start (measured once, before training), so
   ``geometry.continual.cl_metrics`` reports forward transfer too.
 * drift of the representation: kNN / k-means NMI on every class (domain) seen so far, for the current backbone
-  and for its frozen copy from fit start on the same images (``callbacks.geometry.geometry_metrics``), and
+  and for its frozen copy from fit start on the same images (``geometry.suite.evaluate_features``), and
   linear CKA per block between the two (``geometry.cka.linear_cka``) on a fixed seeded sample of test images.
 
 Under DDP every rank scores a disjoint, unpadded shard and the counts are summed, so R equals the one-process
@@ -29,11 +29,11 @@ import math
 import lightning as L
 import torch
 
-from callbacks.geometry import geometry_metrics
 from callbacks.plots import log_figure
 from datamodules.continual import rank_shard
 from features.extract import block_features, extract, gather_by_index, seeded_subset, shard_loader
 from geometry.continual import cl_metrics
+from geometry.suite import MetricSettings, check_metrics, evaluate_features
 from report.figures import accuracy_matrix_figure, cka_heatmap
 
 
@@ -45,16 +45,14 @@ class ContinualEval(L.Callback):
         geometry: Geometry metrics on the seen classes (any of ``knn``, ``kmeans``, ``linear``); empty: none.
         geometry_initial: Also measure them for the fit-start backbone on the same images (the drift's
             baseline).
-        knn_ks: k values of the weighted kNN (those above the bank size are skipped).
-        knn_temperature: Temperature of the kNN vote weights.
-        kmeans_n_init: k-means restarts.
+        settings: ``geometry.suite.MetricSettings`` of the geometry metrics (k values above the bank size are
+            skipped) and the seed of every subset; None: its defaults.
         max_bank_size: At most this many seen training images as the kNN bank (seeded subset); None: all.
         max_query_size: At most this many seen test images as queries; None: all.
         cka: Layer-wise linear CKA between the current and the fit-start backbone.
         cka_samples: Test images (seeded subset over all experiences) used for CKA.
         cka_debiased: Use the debiased HSIC estimator.
         plots: Draw the R and CKA heatmaps after every experience.
-        seed: Seed of the subsets, k-means and the linear probe.
     """
 
     def __init__(
@@ -62,23 +60,20 @@ class ContinualEval(L.Callback):
         random_init_acc: bool = True,
         geometry: list[str] = ("knn", "kmeans"),
         geometry_initial: bool = True,
-        knn_ks: list[int] = (10, 20),
-        knn_temperature: float = 0.07,
-        kmeans_n_init: int = 3,
+        settings: MetricSettings | None = None,
         max_bank_size: int | None = 5000,
         max_query_size: int | None = 2000,
         cka: bool = True,
         cka_samples: int = 256,
         cka_debiased: bool = False,
         plots: bool = True,
-        seed: int = 0,
     ):
         self.measure_random_init = random_init_acc
-        self.geometry, self.geometry_initial = tuple(geometry), geometry_initial
-        self.knn_ks, self.knn_temperature, self.kmeans_n_init = tuple(knn_ks), knn_temperature, kmeans_n_init
+        self.geometry, self.geometry_initial = check_metrics(geometry), geometry_initial
+        self.settings = MetricSettings() if settings is None else settings
         self.max_bank_size, self.max_query_size = max_bank_size, max_query_size
         self.cka, self.cka_samples, self.cka_debiased = cka, cka_samples, cka_debiased
-        self.plots, self.seed = plots, seed
+        self.plots = plots
         self.rows: dict[int, dict] = {}  # experience -> {"acc": [...], "geometry": ..., "cka": ..., ...}
         self.random_init_acc: list[float] | None = None
         self.initial_geometry: dict[int, dict] = {}  # the fit-start backbone's geometry on seen data <= i
@@ -159,7 +154,7 @@ class ContinualEval(L.Callback):
 
     def _features(self, trainer: L.Trainer, pl_module: L.LightningModule, embed, dataset, max_size) -> dict:
         datamodule = trainer.datamodule
-        dataset = seeded_subset(dataset, max_size, self.seed)
+        dataset = seeded_subset(dataset, max_size, self.settings.seed)
         loader = shard_loader(dataset, datamodule.make_loader, trainer.world_size, trainer.global_rank)
         local = extract(embed, loader, pl_module.device)
         return gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
@@ -172,15 +167,14 @@ class ContinualEval(L.Callback):
                                self.max_query_size)
         values = None
         if trainer.is_global_zero:
-            values = geometry_metrics(bank, query, self.geometry, self.knn_ks, self.knn_temperature,
-                                      self.kmeans_n_init, self.seed)
+            values = evaluate_features(bank, query, self.geometry, self.settings)
         return trainer.strategy.broadcast(values, src=0)
 
     def _block_cka(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
         from geometry.cka import linear_cka
 
         datamodule = trainer.datamodule
-        dataset = seeded_subset(datamodule.test_dataset(), self.cka_samples, self.seed)
+        dataset = seeded_subset(datamodule.test_dataset(), self.cka_samples, self.settings.seed)
         loader = shard_loader(dataset, datamodule.make_loader, trainer.world_size, trainer.global_rank)
         local = block_features({"now": pl_module.backbone, "initial": self.initial}, loader, pl_module.device)
         features = gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from geometry.common import addmm_rows, as_features, as_labels, column_means
+from geometry.common import addmm_rows, as_features, as_labels, column_means, has_single_labels
 
 # One value per decade: from nearly unregularised to strongly shrunk (C = 1/(l2 n) spans 8 decades too).
 DEFAULT_L2_GRID = tuple(10.0**e for e in range(-7, 1))
@@ -275,3 +275,12 @@ def linear_probe_accuracy(train_x, train_y, test_x, test_y, l2_grid: Sequence[fl
                           **kwargs) -> float:
     """Test top-1 accuracy of ``linear_probe`` (same arguments)."""
     return linear_probe(train_x, train_y, test_x, test_y, l2_grid=l2_grid, seed=seed, **kwargs)["accuracy"]
+
+
+def linear_metrics(bank, query, settings) -> dict[str, float]:
+    """Suite metric ``linear``: ``linear_probe_acc``, fit on the bank (L2 chosen on its holdout), scored on queries."""
+    if not has_single_labels(query, "linear probe"):
+        return {}
+    accuracy = linear_probe_accuracy(bank["embedding"].float(), bank["label"], query["embedding"].float(),
+                                     query["label"], l2_grid=settings.probe_l2_grid, seed=settings.seed)
+    return {"linear_probe_acc": accuracy}
