@@ -20,12 +20,12 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from callbacks.io import atomic_write_text
 from callbacks.results import ResultsWriter
 from callbacks.resume import ResumeState
 from datamodules.base import BaseDataModule
 from models.backbones import resolve_preprocessing
 from models.base import BackboneModule
+from report.io import atomic_write_text
 
 
 def preprocessing_for(backbone: str, image_size: int | None):

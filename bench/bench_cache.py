@@ -55,7 +55,7 @@ class Setup:
     """The quickstart backbone and digits as probe.py builds them (query split: test)."""
 
     def __init__(self, size: dict, device: str):
-        from callbacks.extract import seeded_subset
+        from features.extract import seeded_subset
         from probe import split_datasets
         from probing.specs import DatasetEntry
 

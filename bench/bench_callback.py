@@ -11,6 +11,7 @@ reported apart. Agreement: the callback must not change training (same validatio
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import lightning as L
@@ -62,7 +63,7 @@ def fit(size: dict, device: str, with_geometry: bool, max_bank_size: int | None 
     if with_geometry:
         geometry_args = geometry_callback_args()
         if size["knn_ks"]:
-            geometry_args["knn_ks"] = size["knn_ks"]
+            geometry_args["settings"] = dataclasses.replace(geometry_args["settings"], knn_ks=tuple(size["knn_ks"]))
         if max_bank_size:
             geometry_args["max_bank_size"] = max_bank_size
         geometry = GeometryEval(**geometry_args)

@@ -1,6 +1,6 @@
 """extract: images/s through the DataModule + backbone vs a pure forward pass over pre-loaded tensors.
 
-The quickstart's backbone and digits (train split, un-augmented, the GeometryEval bank): ``callbacks.extract``
+The quickstart's backbone and digits (train split, un-augmented, the GeometryEval bank): ``features.extract``
 over ``bank_dataloader()`` (decode, resize, normalise, collate, forward, NaN check, copy back) against the
 backbone alone on the same images already transformed and stacked in memory, in batches of the same size.
 On a GPU it also measures DINOv2-small (random weights) at bf16, batch 256, 224 px: images/s and the fraction
@@ -66,7 +66,7 @@ def dinov2_bf16(size: dict) -> Result:
 
 
 def run(quick: bool, device: str) -> list[Result]:
-    from callbacks.extract import extract
+    from features.extract import extract
 
     size = QUICK if quick else FULL
     _, backbone = build_backbone(device)

@@ -32,7 +32,12 @@ def model_args() -> dict[str, Any]:
 def geometry_callback_args() -> dict[str, Any]:
     callbacks = quickstart_config()["trainer"]["callbacks"]
     entry = next(c for c in callbacks if c["class_path"].endswith("GeometryEval"))
-    return dict(entry.get("init_args") or {})
+    args = dict(entry.get("init_args") or {})
+    if args.get("settings") is not None:
+        from geometry.suite import MetricSettings
+
+        args["settings"] = MetricSettings(**args["settings"])
+    return args
 
 
 def build_backbone(device: str = "cpu", seed: int = 0):

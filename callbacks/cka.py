@@ -12,41 +12,11 @@ from __future__ import annotations
 import copy
 
 import lightning as L
-import matplotlib.pyplot as plt
 import torch
 
-from callbacks.extract import eval_mode, gather_by_index, trainer_shard_loader
 from callbacks.plots import log_figure
-
-
-@torch.no_grad()
-def block_features(backbones: dict[str, torch.nn.Module], loader, device) -> dict[str, torch.Tensor]:
-    """Per-block pooled features of several backbones over one loader: keys ``<name><i>`` plus ``index``."""
-    parts: dict[str, list[torch.Tensor]] = {"index": []}
-    for batch in loader:
-        if batch is None:
-            continue
-        images = batch["image"].to(device)
-        parts["index"].append(torch.as_tensor(batch["index"]).cpu())
-        for name, backbone in backbones.items():
-            for i, feature in enumerate(backbone.layers(images)):
-                parts.setdefault(f"{name}{i}", []).append(feature.float().flatten(1).cpu())
-    return {key: torch.cat(value) for key, value in parts.items()}
-
-
-def cka_heatmap(matrix: torch.Tensor, title: str, xlabel: str, ylabel: str, xticks=None, yticks=None):
-    figure, axis = plt.subplots(figsize=(1.0 + 0.45 * matrix.shape[1], 1.0 + 0.4 * matrix.shape[0]))
-    image = axis.imshow(matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    axis.set_title(title)
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel(ylabel)
-    if xticks is not None:
-        axis.set_xticks(range(len(xticks)), xticks, fontsize=7)
-    if yticks is not None:
-        axis.set_yticks(range(len(yticks)), yticks, fontsize=7)
-    figure.colorbar(image, ax=axis, fraction=0.046)
-    figure.tight_layout()
-    return figure
+from features.extract import block_features, eval_mode, gather_by_index, trainer_shard_loader
+from report.figures import cka_heatmap
 
 
 class LayerCKA(L.Callback):

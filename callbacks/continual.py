@@ -10,11 +10,11 @@ batch, which sees the same weights) it measures:
 * ``random_init_acc[j]``: the same accuracies of the model at fit start (measured once, before training), so
   ``geometry.continual.cl_metrics`` reports forward transfer too.
 * drift of the representation: kNN / k-means NMI on every class (domain) seen so far, for the current backbone
-  and for its frozen copy from fit start on the same images (``callbacks.geometry.geometry_metrics``), and
+  and for its frozen copy from fit start on the same images (``geometry.suite.evaluate_features``), and
   linear CKA per block between the two (``geometry.cka.linear_cka``) on a fixed seeded sample of test images.
 
 Under DDP every rank scores a disjoint, unpadded shard and the counts are summed, so R equals the one-process
-R; features for geometry and CKA are gathered by sample index (``callbacks.extract``). Numbers go to every
+R; features for geometry and CKA are gathered by sample index (``features.extract``). Numbers go to every
 logger (``continual/R_<i>_<j>``, ``continual/acc_exp<j>``, ``continual/acc``, ``continual/forgetting``, ...),
 to ``results.json`` (section ``continual``) and to two heatmaps in ``<run dir>/plots/``: R and CKA (experience
 x block). The callback reads the module's ``backbone``, ``embed`` and ``logits(images, task, upto)``, and the
@@ -27,37 +27,14 @@ import copy
 import math
 
 import lightning as L
-import matplotlib.pyplot as plt
 import torch
 
-from callbacks.cka import block_features, cka_heatmap
-from callbacks.extract import extract, gather_by_index, seeded_subset, shard_loader
-from callbacks.geometry import geometry_metrics
 from callbacks.plots import log_figure
-from datamodules.continual import rank_shard
+from datamodules.continual import check_stream, rank_shard
+from features.extract import block_features, eval_mode, extract, gather_by_index, seeded_subset, shard_loader
 from geometry.continual import cl_metrics
-
-
-def accuracy_matrix_figure(matrix: list[list[float | None]], title: str = "accuracy R[i][j]"):
-    """Annotated heatmap of R (rows: after training experience i; columns: tested on experience j)."""
-    values = torch.tensor([[math.nan if v is None else v for v in row] for row in matrix],
-                          dtype=torch.float64)
-    size = len(matrix)
-    figure, axis = plt.subplots(figsize=(1.6 + 0.6 * size, 1.2 + 0.55 * size))
-    image = axis.imshow(values.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
-    for i in range(size):
-        for j in range(size):
-            if not math.isnan(values[i, j]):
-                axis.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                          color="white" if values[i, j] < 0.6 else "black")
-    axis.set_xticks(range(size))
-    axis.set_yticks(range(size))
-    axis.set_xlabel("tested on experience j")
-    axis.set_ylabel("after training experience i")
-    axis.set_title(title)
-    figure.colorbar(image, ax=axis, fraction=0.046)
-    figure.tight_layout()
-    return figure
+from geometry.suite import MetricSettings, check_metrics, evaluate_features
+from report.figures import accuracy_matrix_figure, cka_heatmap
 
 
 class ContinualEval(L.Callback):
@@ -68,16 +45,14 @@ class ContinualEval(L.Callback):
         geometry: Geometry metrics on the seen classes (any of ``knn``, ``kmeans``, ``linear``); empty: none.
         geometry_initial: Also measure them for the fit-start backbone on the same images (the drift's
             baseline).
-        knn_ks: k values of the weighted kNN (those above the bank size are skipped).
-        knn_temperature: Temperature of the kNN vote weights.
-        kmeans_n_init: k-means restarts.
+        settings: ``geometry.suite.MetricSettings`` of the geometry metrics (k values above the bank size are
+            skipped) and the seed of every subset; None: its defaults.
         max_bank_size: At most this many seen training images as the kNN bank (seeded subset); None: all.
         max_query_size: At most this many seen test images as queries; None: all.
         cka: Layer-wise linear CKA between the current and the fit-start backbone.
         cka_samples: Test images (seeded subset over all experiences) used for CKA.
         cka_debiased: Use the debiased HSIC estimator.
         plots: Draw the R and CKA heatmaps after every experience.
-        seed: Seed of the subsets, k-means and the linear probe.
     """
 
     def __init__(
@@ -85,23 +60,20 @@ class ContinualEval(L.Callback):
         random_init_acc: bool = True,
         geometry: list[str] = ("knn", "kmeans"),
         geometry_initial: bool = True,
-        knn_ks: list[int] = (10, 20),
-        knn_temperature: float = 0.07,
-        kmeans_n_init: int = 3,
+        settings: MetricSettings | None = None,
         max_bank_size: int | None = 5000,
         max_query_size: int | None = 2000,
         cka: bool = True,
         cka_samples: int = 256,
         cka_debiased: bool = False,
         plots: bool = True,
-        seed: int = 0,
     ):
         self.measure_random_init = random_init_acc
-        self.geometry, self.geometry_initial = tuple(geometry), geometry_initial
-        self.knn_ks, self.knn_temperature, self.kmeans_n_init = tuple(knn_ks), knn_temperature, kmeans_n_init
+        self.geometry, self.geometry_initial = check_metrics(geometry), geometry_initial
+        self.settings = MetricSettings() if settings is None else settings
         self.max_bank_size, self.max_query_size = max_bank_size, max_query_size
         self.cka, self.cka_samples, self.cka_debiased = cka, cka_samples, cka_debiased
-        self.plots, self.seed = plots, seed
+        self.plots = plots
         self.rows: dict[int, dict] = {}  # experience -> {"acc": [...], "geometry": ..., "cka": ..., ...}
         self.random_init_acc: list[float] | None = None
         self.initial_geometry: dict[int, dict] = {}  # the fit-start backbone's geometry on seen data <= i
@@ -116,8 +88,7 @@ class ContinualEval(L.Callback):
         if stage == "fit" and self.initial is None and (self.cka or self.geometry_initial):
             self.initial = copy.deepcopy(pl_module.backbone).eval().requires_grad_(False)
         datamodule = trainer.datamodule
-        if not hasattr(datamodule, "experience_dataset"):
-            raise TypeError("ContinualEval needs a datamodules.continual.ContinualDataModule")
+        check_stream(datamodule, "ContinualEval")
         self.stream = {"scenario": datamodule.scenario, "n_experiences": datamodule.n_experiences,
                        "epochs_per_experience": datamodule.epochs_per_experience,
                        "class_order": datamodule.class_order,
@@ -165,9 +136,7 @@ class ContinualEval(L.Callback):
         dataset = rank_shard(datamodule.experience_dataset(experience, "test"), trainer.world_size,
                              trainer.global_rank)
         counts = torch.zeros(2, dtype=torch.float64, device=pl_module.device)  # correct, total
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with eval_mode(pl_module):
             for batch in datamodule.make_loader(dataset):
                 if batch is None:
                     continue
@@ -175,14 +144,12 @@ class ContinualEval(L.Callback):
                 logits = pl_module.logits(images, batch["task"].to(pl_module.device), upto)
                 counts[0] += (logits.argmax(1) == labels).sum()
                 counts[1] += len(labels)
-        finally:
-            pl_module.train(was_training)
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         return float(counts[0] / counts[1]) if counts[1] > 0 else math.nan
 
     def _features(self, trainer: L.Trainer, pl_module: L.LightningModule, embed, dataset, max_size) -> dict:
         datamodule = trainer.datamodule
-        dataset = seeded_subset(dataset, max_size, self.seed)
+        dataset = seeded_subset(dataset, max_size, self.settings.seed)
         loader = shard_loader(dataset, datamodule.make_loader, trainer.world_size, trainer.global_rank)
         local = extract(embed, loader, pl_module.device)
         return gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
@@ -195,15 +162,14 @@ class ContinualEval(L.Callback):
                                self.max_query_size)
         values = None
         if trainer.is_global_zero:
-            values = geometry_metrics(bank, query, self.geometry, self.knn_ks, self.knn_temperature,
-                                      self.kmeans_n_init, self.seed)
+            values = evaluate_features(bank, query, self.geometry, self.settings)
         return trainer.strategy.broadcast(values, src=0)
 
     def _block_cka(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
         from geometry.cka import linear_cka
 
         datamodule = trainer.datamodule
-        dataset = seeded_subset(datamodule.test_dataset(), self.cka_samples, self.seed)
+        dataset = seeded_subset(datamodule.test_dataset(), self.cka_samples, self.settings.seed)
         loader = shard_loader(dataset, datamodule.make_loader, trainer.world_size, trainer.global_rank)
         local = block_features({"now": pl_module.backbone, "initial": self.initial}, loader, pl_module.device)
         features = gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
@@ -225,9 +191,7 @@ class ContinualEval(L.Callback):
                       for j in range(datamodule.n_experiences)]
         row = {"experience": experience, "epoch": trainer.current_epoch, "step": trainer.global_step,
                "acc": accuracies, "acc_seen": sum(accuracies[: experience + 1]) / (experience + 1)}
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with eval_mode(pl_module):
             if self.geometry:
                 row["geometry"] = self._geometry(trainer, pl_module, pl_module.embed, experience)
                 if self.geometry_initial and self.initial is not None:
@@ -237,8 +201,6 @@ class ContinualEval(L.Callback):
                     row["geometry_initial"] = self.initial_geometry[experience]
             if self.cka and self.initial is not None:
                 row["cka"] = self._block_cka(trainer, pl_module)
-        finally:
-            pl_module.train(was_training)
         self.rows[experience] = row
         self._report(trainer, row)
         return row

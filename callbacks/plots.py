@@ -15,11 +15,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
-from callbacks.extract import eval_mode, extract, gather_by_index, trainer_shard_loader  # noqa: E402
-from callbacks.io import atomic_save_figure  # noqa: E402
+from features.extract import eval_mode, extract, gather_by_index, trainer_shard_loader  # noqa: E402
+from report.figures import embedding_map_figure, project_2d  # noqa: E402
+from report.io import atomic_save_figure  # noqa: E402
 
 
 def plots_dir(trainer: L.Trainer) -> Path:
@@ -42,39 +42,8 @@ def log_figure(trainer: L.Trainer, key: str, figure, step: int | None = None) ->
     return path
 
 
-def project_2d(x: torch.Tensor, method: str = "pca", seed: int = 0) -> torch.Tensor:
-    """(N, D) -> (N, 2): PCA via a centred SVD, or UMAP (needs the optional ``umap-learn``)."""
-    x = x.double()
-    if method == "umap":
-        try:
-            import umap
-        except ImportError as error:
-            raise ImportError("embedding maps with method='umap' need `pip install umap-learn`") from error
-        return torch.from_numpy(umap.UMAP(random_state=seed).fit_transform(x.numpy()))
-    if method != "pca":
-        raise ValueError(f"method must be 'pca' or 'umap', got {method!r}")
-    centred = x - x.mean(0, keepdim=True)
-    _, _, v = torch.linalg.svd(centred, full_matrices=False)
-    return centred @ v[:2].T
 
 
-def embedding_map_figure(points: torch.Tensor, colours: dict[str, torch.Tensor], title: str,
-                         names: dict[str, list[str] | None] | None = None):
-    """One scatter panel per colouring (e.g. class, super-class) of 2-D points."""
-    names = names or {}
-    figure, axes = plt.subplots(1, len(colours), figsize=(5.5 * len(colours), 5), squeeze=False)
-    for axis, (what, labels) in zip(axes[0], colours.items()):
-        scatter = axis.scatter(points[:, 0], points[:, 1], c=labels.numpy(), cmap="tab20", s=6, alpha=0.8)
-        axis.set_title(f"{title}: by {what}")
-        axis.set_xticks([])
-        axis.set_yticks([])
-        label_names = names.get(what)
-        if label_names and len(label_names) <= 20:
-            handles, _ = scatter.legend_elements(num=None)
-            present = sorted(set(labels.tolist()))
-            axis.legend(handles, [label_names[i] for i in present], fontsize=6, loc="best", markerscale=0.8)
-    figure.tight_layout()
-    return figure
 
 
 class EmbeddingPlots(L.Callback):

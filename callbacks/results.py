@@ -9,7 +9,6 @@ the checkpoint, so a resumed run continues the same file.
 
 from __future__ import annotations
 
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from callbacks.io import atomic_write_json
+from report.io import atomic_write_json
+from report.run_info import versions
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
@@ -29,15 +29,6 @@ def _scalars(metrics: dict) -> dict[str, float]:
         elif isinstance(value, int | float):
             out[key] = float(value)
     return out
-
-
-def versions() -> dict[str, str]:
-    import lightning
-    import timm
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
-            "timm": timm.__version__, "transformers": transformers.__version__}
 
 
 class ResultsWriter(L.Callback):

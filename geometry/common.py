@@ -6,6 +6,8 @@ Every metric processes its query side in row chunks against the full other side,
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -116,3 +118,11 @@ def distance_block(a: Tensor, b: Tensor, distance: str, b_sq: Tensor | None = No
     if distance == "cosine":
         return torch.addmm(torch.ones((), dtype=a.dtype, device=a.device), a, b.T, alpha=-1.0).clamp_(min=0.0)
     return squared_euclidean(a, b, b_sq=b_sq).sqrt_()
+
+
+def has_single_labels(features, metric: str) -> bool:
+    """False (with a warning naming the metric) for multi-label feature sets, which the metric cannot score."""
+    if features["label"].ndim > 1:
+        warnings.warn(f"{metric}: multi-label data needs single labels; skipped", stacklevel=3)
+        return False
+    return True

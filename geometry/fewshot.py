@@ -8,12 +8,13 @@ All episodes are sampled and scored as batched tensors (chunks of episodes), not
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from geometry.common import as_features, as_labels, check_distance, unit_rows
+from geometry.common import as_features, as_labels, check_distance, has_single_labels, unit_rows
 
 _EPISODE_ELEMENTS = 1 << 24  # memory budget of one chunk of episodes (random keys or gathered features)
 
@@ -91,3 +92,30 @@ def fewshot_accuracy(x, y, n_way: int = 5, shots: Sequence[int] = (1, 10), n_que
         std = accuracies.std(correction=0) if episodes > 1 else torch.zeros((), dtype=torch.float64)
         result[n_shot] = (float(accuracies.mean()), float(1.96 * std / episodes**0.5))
     return result
+
+
+def fewshot_metrics(bank, query, settings) -> dict[str, float]:
+    """Suite metric ``fewshot``: ``fewshot_{K}shot_acc`` and its ``_ci95`` on episodes drawn from the queries.
+
+    Shot counts the queries cannot feed (fewer than ``fewshot_ways`` classes with shots + queries samples) are
+    skipped with a warning.
+    """
+    if not has_single_labels(query, "few-shot"):
+        return {}
+    x, y = query["embedding"].float(), query["label"]
+    per_class = torch.unique(y, return_counts=True)[1]
+    shots = tuple(s for s in settings.fewshot_shots
+                  if int((per_class >= s + settings.fewshot_queries).sum()) >= settings.fewshot_ways)
+    missing = sorted(set(settings.fewshot_shots) - set(shots))
+    if missing:
+        warnings.warn(f"few-shot: too few query samples per class for {', '.join(f'{s}-shot' for s in missing)} "
+                      f"{settings.fewshot_ways}-way episodes with {settings.fewshot_queries} queries; skipped",
+                      stacklevel=2)
+    if not shots:
+        return {}
+    accuracy = fewshot_accuracy(x, y, n_way=settings.fewshot_ways, shots=shots, n_query=settings.fewshot_queries,
+                                episodes=settings.fewshot_episodes, seed=settings.seed)
+    out = {}
+    for n_shot, (mean, ci) in accuracy.items():
+        out[f"fewshot_{n_shot}shot_acc"], out[f"fewshot_{n_shot}shot_ci95"] = mean, ci
+    return out

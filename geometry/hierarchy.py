@@ -197,3 +197,20 @@ def hierarchy_metrics(x, sub_labels, super_labels, novel_mask=None, metric: str 
         "novel_dist_ratio": float(novel_same / novel_other),
     })
     return out
+
+
+def hierarchy_suite_metrics(bank, query, settings, *, novel=None) -> dict[str, float]:
+    """Suite metric ``hierarchy``: ``hier_*`` of the queries, with the novel sub-classes' samples marked.
+
+    Nothing when the queries carry no ``superclass``; the novel samples join only when they carry one.
+    """
+    if "superclass" not in query:
+        return {}
+    x, sub, sup = query["embedding"].float(), query["label"], query["superclass"]
+    novel_mask = None
+    if novel is not None and "superclass" in novel:
+        x = torch.cat([x, novel["embedding"].float()])
+        sub, sup = torch.cat([sub, novel["label"]]), torch.cat([sup, novel["superclass"]])
+        novel_mask = torch.cat([torch.zeros(len(query["label"]), dtype=torch.bool),
+                                torch.ones(len(novel["label"]), dtype=torch.bool)])
+    return {f"hier_{k}": float(v) for k, v in hierarchy_metrics(x, sub, sup, novel_mask=novel_mask).items()}

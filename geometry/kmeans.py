@@ -17,6 +17,7 @@ from geometry.common import (
     as_features,
     as_labels,
     column_means,
+    has_single_labels,
     rows_per_chunk,
     squared_euclidean,
     squared_norms,
@@ -200,3 +201,14 @@ def clustering_scores(x, labels, n_clusters: int | None = None, seed: int = 0, n
         n_clusters = len(torch.unique(labels))
     predicted, _, _ = kmeans(x, n_clusters, n_init=n_init, max_iter=max_iter, seed=seed)
     return {"ari": adjusted_rand_index(labels, predicted), "nmi": normalized_mutual_info(labels, predicted)}
+
+
+def kmeans_metrics(bank, query, settings) -> dict[str, float]:
+    """Suite metric ``kmeans``: ARI / NMI of k-means on the queries, as many clusters as query classes."""
+    if not has_single_labels(query, "k-means"):
+        return {}
+    x, y = query["embedding"].float(), query["label"]
+    # Held-out novel sub-classes are not among the queries, so they add no cluster.
+    n_clusters = min(int(torch.unique(y).numel()), len(x))
+    scores = clustering_scores(x, y, n_clusters=n_clusters, seed=settings.seed, n_init=settings.kmeans_n_init)
+    return {"kmeans_ari": scores["ari"], "kmeans_nmi": scores["nmi"]}

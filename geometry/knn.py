@@ -19,12 +19,21 @@ resolved by ``torch.topk`` (deterministic for a given input and device, but unsp
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from geometry.common import as_features, as_labels, check_distance, rows_per_chunk, squared_norms, unit_rows
+from geometry.common import (
+    as_features,
+    as_labels,
+    check_distance,
+    has_single_labels,
+    rows_per_chunk,
+    squared_norms,
+    unit_rows,
+)
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -256,3 +265,19 @@ def lowshot_knn_accuracy(bank_x, bank_y, query_x, query_y, n_per_class: Sequence
                                            chunk_size=chunk_size)[k_used])
         result[int(n)] = sum(accuracies) / len(accuracies)
     return result
+
+
+def knn_metrics(bank, query, settings) -> dict[str, float]:
+    """Suite metric ``knn``: ``knn_top{t}@{k}`` for every k of ``settings.knn_ks`` the bank can feed."""
+    if not has_single_labels(query, "kNN"):
+        return {}
+    n_bank = len(bank["embedding"])
+    ks = tuple(k for k in settings.knn_ks if k <= n_bank)
+    if len(ks) < len(settings.knn_ks):
+        warnings.warn(f"kNN: k values {sorted(set(settings.knn_ks) - set(ks))} exceed the bank size {n_bank}; "
+                      "skipped", stacklevel=2)
+    if not ks:
+        return {}
+    accuracy = knn_topk_accuracy(bank["embedding"].float(), bank["label"], query["embedding"].float(),
+                                 query["label"], ks=ks, topk=settings.knn_topk, temperature=settings.knn_temperature)
+    return {f"knn_top{t}@{k}": value for t in settings.knn_topk for k, value in accuracy[t].items()}

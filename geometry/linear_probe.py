@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from geometry.common import addmm_rows, as_features, as_labels, column_means
+from geometry.common import addmm_rows, as_features, as_labels, column_means, has_single_labels
 from geometry.knn import lowshot_subsets
 
 # One value per decade: from nearly unregularised to strongly shrunk (C = 1/(l2 n) spans 8 decades too).
@@ -337,3 +337,12 @@ def lowshot_linear_probe_accuracy(bank_x, bank_y, query_x, query_y, n_per_class:
             accuracies.append(float((head.predict((query_x - mean) / std)[0] == query_y).double().mean()))
         result[int(n)] = sum(accuracies) / len(accuracies)
     return result
+
+
+def linear_metrics(bank, query, settings) -> dict[str, float]:
+    """Suite metric ``linear``: ``linear_probe_acc``, fit on the bank (L2 chosen on its holdout), scored on queries."""
+    if not has_single_labels(query, "linear probe"):
+        return {}
+    accuracy = linear_probe_accuracy(bank["embedding"].float(), bank["label"], query["embedding"].float(),
+                                     query["label"], l2_grid=settings.probe_l2_grid, seed=settings.seed)
+    return {"linear_probe_acc": accuracy}

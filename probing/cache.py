@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from callbacks.io import atomic_write_bytes, atomic_write_json
 from probing.specs import slug
+from report.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 

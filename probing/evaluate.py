@@ -1,4 +1,4 @@
-"""The numbers of a probe run, all computed by ``geometry/`` (through ``callbacks.geometry.geometry_metrics``).
+"""The numbers of a probe run, all computed by ``geometry/`` (through ``geometry.suite.evaluate_features``).
 
 Per (backbone, dataset, layer): kNN, k-means ARI/NMI, linear probe, few-shot and, where the data has
 super-classes, the hierarchy metrics; kNN and the linear probe learn from the train split and are scored on
@@ -13,38 +13,40 @@ from typing import Any
 
 import torch
 
-from callbacks.geometry import METRICS as GEOMETRY_METRICS
-from callbacks.geometry import geometry_metrics
+from geometry.suite import MetricSettings, evaluate_features, resolve_metric
 from probing.extract import FINAL_LAYER
 from probing.report import row
 
 log = logging.getLogger(__name__)
 
-#: What ``--metrics`` accepts: the geometry callback's metrics plus CKA.
-PROBE_METRICS = (*GEOMETRY_METRICS, "cka")
+#: Probe-only metrics besides the suite's: CKA between backbones (and between layers with --layers).
+PROBE_ONLY_METRICS = ("cka",)
 
 
 def check_metrics(metrics: list[str], what: str = "metrics") -> list[str]:
-    unknown = sorted(set(metrics) - set(PROBE_METRICS))
-    if unknown:
-        raise ValueError(f"unknown {what} {unknown}; choose from {list(PROBE_METRICS)}")
+    """Every name is ``cka`` or a suite metric (built-in or dotted path); errors name the option."""
+    for name in metrics:
+        if name not in PROBE_ONLY_METRICS:
+            try:
+                resolve_metric(name)
+            except ValueError as error:
+                raise ValueError(f"--{what}: {error} (probe.py also takes 'cka')") from None
     return list(metrics)
 
 
-def layer_metrics(splits: dict[str, dict[str, dict]], layer: str, metrics: list[str], knn_ks: list[int],
-                  knn_temperature: float, kmeans_n_init: int, seed: int, query_split: str,
+def layer_metrics(splits: dict[str, dict[str, dict]], layer: str, metrics: list[str], settings: MetricSettings,
                   where: str = "") -> dict[str, float]:
-    """``geometry_metrics`` of one layer: bank = train split, queries = ``query_split``, novel if extracted.
+    """Suite metrics of one layer: bank = the train split, queries = the query split, novel if extracted.
 
     One call per metric, so a metric the data cannot support (e.g. 10-shot episodes with 12 samples per
     class) is skipped with a warning naming it instead of losing the others.
     """
     novel = splits["novel"][layer] if "novel" in splits else None
     out: dict[str, float] = {}
-    for metric in (m for m in metrics if m in GEOMETRY_METRICS):
+    for metric in (m for m in metrics if m not in PROBE_ONLY_METRICS):
         try:
-            out.update(geometry_metrics(splits["train"][layer], splits[query_split][layer], [metric], tuple(knn_ks),
-                                        knn_temperature, kmeans_n_init, seed, novel=novel))
+            out.update(evaluate_features(splits["train"][layer], splits["query"][layer], [metric], settings,
+                                         novel=novel))
         except ValueError as error:
             log.warning("%s skipped on %s, layer %s: %s", metric, where, layer, error)
     return out
@@ -63,34 +65,33 @@ def cka_matrix(features: list[torch.Tensor], debiased: bool) -> list[list[float]
     return linear_cka_matrix([f.float() for f in features], debiased=debiased)
 
 
-def evaluate(features: dict[str, dict[str, dict]], metrics: list[str], block_metrics: list[str], knn_ks: list[int], knn_temperature: float, kmeans_n_init: int,
-             seed: int, query_split: str, cka_debiased: bool) -> tuple[list[dict], dict[str, Any]]:
+def evaluate(features: dict[str, dict[str, dict]], metrics: list[str], block_metrics: list[str],
+             settings: MetricSettings, cka_debiased: bool) -> tuple[list[dict], dict[str, Any]]:
     """All rows and the CKA matrices from ``features[backbone][dataset][split][layer]`` (feature dicts).
 
     k-means uses as many clusters as the query split has classes (not the dataset's ``num_classes``, which
     counts the held-out novel sub-classes of the synthetic data too).
     """
     rows: list[dict] = []
-    cka_section: dict[str, Any] = {"debiased": cka_debiased, "split": query_split, "backbones": {}, "layers": {}}
+    cka_section: dict[str, Any] = {"debiased": cka_debiased, "split": "query", "backbones": {}, "layers": {}}
     for backbone, per_dataset in features.items():
         for dataset, splits in per_dataset.items():
-            layers = list(splits[query_split])
+            layers = list(splits["query"])
             for layer in layers:
                 wanted = metrics if layer == FINAL_LAYER else block_metrics
-                values = layer_metrics(splits, layer, wanted, knn_ks, knn_temperature, kmeans_n_init, seed,
-                                       query_split, where=f"{backbone} / {dataset}")
+                values = layer_metrics(splits, layer, wanted, settings, where=f"{backbone} / {dataset}")
                 rows += [row(backbone, dataset, layer, name, value) for name, value in values.items()]
             if "cka" in block_metrics and len(layers) > 1:
-                matrix = cka_matrix([splits[query_split][layer]["embedding"] for layer in layers], cka_debiased)
+                matrix = cka_matrix([splits["query"][layer]["embedding"] for layer in layers], cka_debiased)
                 cka_section["layers"].setdefault(backbone, {})[dataset] = {"layers": layers, "matrix": matrix}
                 rows += [row(backbone, dataset, a, "cka_layers", matrix[i][j], against=b)
                          for i, a in enumerate(layers) for j, b in enumerate(layers) if i != j]
     if "cka" in metrics:
-        rows += backbone_cka(features, query_split, cka_debiased, cka_section)
+        rows += backbone_cka(features, cka_debiased, cka_section)
     return rows, cka_section
 
 
-def backbone_cka(features: dict, query_split: str, debiased: bool, section: dict) -> list[dict]:
+def backbone_cka(features: dict, debiased: bool, section: dict) -> list[dict]:
     """CKA between the final embeddings of every pair of backbones, per dataset (same samples required)."""
     rows = []
     names = list(features)
@@ -99,7 +100,7 @@ def backbone_cka(features: dict, query_split: str, debiased: bool, section: dict
         have = [b for b in names if dataset in features[b]]
         if len(have) < 2:
             continue
-        sets = [features[b][dataset][query_split][FINAL_LAYER] for b in have]
+        sets = [features[b][dataset]["query"][FINAL_LAYER] for b in have]
         if not all(same_samples(sets[0], other) for other in sets[1:]):
             log.warning("CKA between backbones on %s skipped: the backbones saw different samples", dataset)
             continue

@@ -1,8 +1,8 @@
 """Feature extraction through Lightning, behind the feature cache.
 
 ``Trainer.predict`` runs a small wrapper module, so ``--devices N`` / ``--strategy ddp`` extract on several
-devices. Each batch goes through ``callbacks.extract.extract`` (the geometry callback's extraction: NaN check,
-autocast, dtype) and the shards are joined by ``callbacks.extract.gather_by_index``, so every sample counts once
+devices. Each batch goes through ``features.extract.extract`` (the geometry callback's extraction: NaN check,
+autocast, dtype) and the shards are joined by ``features.extract.gather_by_index``, so every sample counts once
 and N processes give the one-process arrays. One forward pass yields the final embedding and, in layer-wise
 mode, every requested block's pooled features; each layer is one cache entry.
 """
@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from torch.utils.data import Dataset
 
-from callbacks.extract import extract, gather_by_index, seeded_subset, shard_loader
+from features.extract import extract, gather_by_index, seeded_subset, shard_loader
 from probing.cache import FeatureCache
 
 log = logging.getLogger(__name__)

@@ -21,12 +21,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from callbacks.cka import cka_heatmap  # noqa: E402
-from callbacks.io import atomic_save_figure  # noqa: E402
-from callbacks.plots import embedding_map_figure, project_2d  # noqa: E402
 from probing.extract import FINAL_LAYER  # noqa: E402
 from probing.report import is_headline  # noqa: E402
 from probing.specs import slug  # noqa: E402
+from report.figures import cka_heatmap, embedding_map_figure, project_2d  # noqa: E402
+from report.io import atomic_save_figure  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from callbacks.io import atomic_write_json, atomic_write_text
+from report.io import atomic_write_json, atomic_write_text
 
 COLUMNS = ("backbone", "dataset", "layer", "metric", "value", "against")
 

@@ -19,7 +19,7 @@ TINY_ARGS = [
     "--model.init_args.image_size", "32",
     "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",
-    "--trainer.callbacks.knn_ks", "[5, 10]",
+    "--trainer.callbacks.settings.knn_ks", "[5, 10]",
 ]
 
 

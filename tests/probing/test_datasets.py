@@ -24,7 +24,7 @@ def test_cifar_and_medmnist_by_short_name(tmp_path):
                              "{name: vit-b16, weights: random, image_size: 32, "
                              "overrides: {embed_dim: 32, depth: 2, num_heads: 2, img_size: 32}}]",
                              "--datasets", "[cifar10, medmnist-path, medmnist-chest]", "--data_root", str(root),
-                             "--metrics", "[knn, kmeans, cka]", "--knn_ks", "[3]", "--num_workers", "0",
+                             "--metrics", "[knn, kmeans, cka]", "--settings.knn_ks", "[3]", "--num_workers", "0",
                              "--no_progress", "--embedding_map", "pca"])
     rows = result["rows"]
     for dataset in ("cifar10", "medmnist-path"):

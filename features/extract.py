@@ -138,3 +138,18 @@ def describe_bytes(n_bytes: float) -> str:
     units = ["B", "KiB", "MiB", "GiB", "TiB"]
     power = min(len(units) - 1, int(math.log(max(n_bytes, 1), 1024)))
     return f"{n_bytes / 1024**power:.1f} {units[power]}"
+
+
+@torch.no_grad()
+def block_features(backbones: dict[str, torch.nn.Module], loader, device) -> dict[str, torch.Tensor]:
+    """Per-block pooled features of several backbones over one loader: keys ``<name><i>`` plus ``index``."""
+    parts: dict[str, list[torch.Tensor]] = {"index": []}
+    for batch in loader:
+        if batch is None:
+            continue
+        images = batch["image"].to(device)
+        parts["index"].append(torch.as_tensor(batch["index"]).cpu())
+        for name, backbone in backbones.items():
+            for i, feature in enumerate(backbone.layers(images)):
+                parts.setdefault(f"{name}{i}", []).append(feature.float().flatten(1).cpu())
+    return {key: torch.cat(value) for key, value in parts.items()}

@@ -44,7 +44,7 @@ def pair_run(tmp_path_factory):
         "--name", "pair", "--runs_dir", str(root / "runs"), "--cache_dir", str(root / "cache"),
         "--backbones", "[{name: convnext-tiny, weights: random, image_size: 32, overrides: "
                        "{dims: [8, 16, 32, 64], depths: [1, 1, 1, 1]}}]",
-        "--datasets", datasets, "--metrics", "[knn]", "--knn_ks", "[5]", "--num_workers", "0", "--no_progress",
+        "--datasets", datasets, "--metrics", "[knn]", "--settings.knn_ks", "[5]", "--num_workers", "0", "--no_progress",
         "--embedding_map", "pca", "--synthetic_vs_real", "[{real: shapes, synthetic: generated}]",
     ])
     return root, result

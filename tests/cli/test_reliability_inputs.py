@@ -77,7 +77,7 @@ def test_nonfinite_loss_skip_policy_skips_the_step(tmp_path):
 
 
 def test_nonfinite_embeddings_stop_geometry_with_the_batch_named():
-    from callbacks.extract import NonFiniteEmbeddingError, extract
+    from features.extract import NonFiniteEmbeddingError, extract
 
     loader = [{"image": torch.zeros(2, 3), "label": torch.zeros(2), "index": torch.tensor([4, 5])}]
     with pytest.raises(NonFiniteEmbeddingError, match=r"batch 0 \(sample indices \[4, 5\]"):
@@ -150,7 +150,7 @@ def test_results_json_survives_sigkill_during_writes(tmp_path):
     target = tmp_path / "results.json"
     writer = (
         f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
-        "from callbacks.io import atomic_write_json\n"
+        "from report.io import atomic_write_json\n"
         "i = 0\n"
         "while True:\n"
         f"    atomic_write_json({str(target)!r}, {{'i': i, 'payload': list(range(20000))}})\n"

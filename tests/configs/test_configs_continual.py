@@ -16,7 +16,7 @@ from fakes import one_torch_thread, write_cifar100, write_cub_official  # noqa: 
 
 import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("continual_*.yaml"))
 
 DATASET = "--data.init_args.dataset.init_args"
@@ -48,7 +48,7 @@ def tiny_args(config: Path, tmp: Path, name: str, experiences: int = 2, extra: l
         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
         "--trainer.precision", "32-true",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.callbacks.init_args.cka_samples", "16", "--trainer.callbacks.init_args.knn_ks", "[3]",
+        "--trainer.callbacks.init_args.cka_samples", "16", "--trainer.callbacks.init_args.settings.knn_ks", "[3]",
         "--trainer.callbacks.init_args.max_bank_size", "40",
         "--trainer.callbacks.init_args.max_query_size", "40",
         "--results.print_summary", "false",

@@ -36,8 +36,8 @@ def probe_args(run_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
             "--backbones", TINY_BACKBONES, "--datasets", DATASETS, "--max_query_size", "300",
             "--metrics", "[knn, kmeans, linear, fewshot, hierarchy, cka]", "--layers", "all",
             "--layer_metrics", "[knn, kmeans, fewshot, hierarchy, cka]",
-            "--knn_ks", json.dumps(KNN_KS), "--num_workers", "0", "--batch_size", "64", "--embedding_map", "pca",
-            "--seed", str(SEED), "--no_progress", *extra]
+            "--settings.knn_ks", json.dumps(KNN_KS), "--num_workers", "0", "--batch_size", "64", "--embedding_map", "pca",
+            "--settings.seed", str(SEED), "--no_progress", *extra]
 
 
 

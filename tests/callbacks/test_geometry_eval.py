@@ -6,11 +6,11 @@ import pytest
 import torch
 from helpers.tiny import run_train
 
-from callbacks.extract import deduplicate_by_index, gather_by_index
-from callbacks.geometry import geometry_metrics
+from features.extract import deduplicate_by_index, gather_by_index
 from geometry.kmeans import clustering_scores
 from geometry.knn import knn_accuracy
 from geometry.linear_probe import linear_probe_accuracy
+from geometry.suite import MetricSettings, evaluate_features
 
 DDP_DATA = [
     "--data.init_args.limit_data", "101",      # odd bank: DistributedSampler pads one duplicate in
@@ -53,7 +53,7 @@ def test_geometry_metrics_equal_direct_geometry_calls():
     by, qy = torch.arange(200) % 4, torch.arange(60) % 4
     bank = {"embedding": centers[by] + torch.randn(200, 16, generator=g), "label": by}
     query = {"embedding": centers[qy] + torch.randn(60, 16, generator=g), "label": qy}
-    got = geometry_metrics(bank, query, ("knn", "kmeans", "linear"), knn_ks=(10, 20))
+    got = evaluate_features(bank, query, ("knn", "kmeans", "linear"), MetricSettings(knn_ks=(10, 20)))
     knn = knn_accuracy(bank["embedding"], by, query["embedding"], qy, ks=(10, 20))
     assert got["knn_top1@10"] == knn[10] and got["knn_top1@20"] == knn[20]
     km = clustering_scores(query["embedding"], qy, n_clusters=4, seed=0, n_init=3)

@@ -28,7 +28,7 @@ from fakes import (  # noqa: F401  (one_torch_thread: autouse fixture)
 
 import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(path for path in (ROOT / "configs").glob("*.yaml")
                  if not path.name.startswith(("continual_", "probe_")))
 

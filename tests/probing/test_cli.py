@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import probe
+from probing.run import resolve_blocks
 from probing.specs import BackboneEntry, parse_backbone, parse_dataset
 
 
@@ -71,7 +72,7 @@ def test_dataset_entries():
 
 def test_bad_choices_fail_before_any_work(tmp_path):
     base = ["--runs_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache")]
-    with pytest.raises(ValueError, match="unknown metrics"):
+    with pytest.raises(ValueError, match="unknown metric .accuracy.; built-in metrics are"):
         probe.main([*base, "--metrics", "[knn, accuracy]"])
     with pytest.raises(ValueError, match="cannot be imported"):
         probe.main([*base, "--datasets", "[{class_path: datamodules.not_written_yet.X}]"])
@@ -87,10 +88,10 @@ def test_bad_choices_fail_before_any_work(tmp_path):
     from probing.extract import normalise_precision
 
     assert [normalise_precision(p) for p in ("bf16-mixed", "16-mixed", 32, "bf16")] == ["bf16", "fp16", "32", "bf16"]
-    assert probe.resolve_blocks("all", 4, "b") == [0, 1, 2, 3]
-    assert probe.resolve_blocks([0, -1], 4, "b") == [0, 3] and probe.resolve_blocks("final", 4, "b") == []
+    assert resolve_blocks("all", 4, "b") == [0, 1, 2, 3]
+    assert resolve_blocks([0, -1], 4, "b") == [0, 3] and resolve_blocks("final", 4, "b") == []
     with pytest.raises(ValueError, match="does not exist"):
-        probe.resolve_blocks([7], 4, "b")
+        resolve_blocks([7], 4, "b")
 
 
 @pytest.mark.parametrize("path", sorted(Path(probe.__file__).parent.joinpath("configs").glob("probe_*.yaml")),

@@ -1,0 +1,204 @@
+"""The metric suite: the one place where metrics are combined, and where every evaluation default lives.
+
+Callbacks (``GeometryEval``, ``ContinualEval``), ``probe.py`` and ``bench/`` call :func:`evaluate_features`;
+nothing else computes a metric for a run.
+
+- A **feature set** is a mapping with ``embedding`` (N, D), ``label`` (N,) (or (N, L) 0/1 for multi-label data),
+  ``index`` (N,) (the sample's position in its dataset) and optionally ``superclass`` (N,).
+- A **metric** is a function ``fn(bank, query, settings) -> dict[str, float]``. It may also accept keyword-only
+  ``novel=`` (held-out sub-classes) and ``reference=`` (the same query samples embedded at fit start, for drift
+  metrics); the suite passes only the keywords a metric declares.
+- Built-in metrics have short names (:data:`BUILTIN_METRICS`). **Any dotted path** ``package.module.function``
+  names a user's own metric, in every ``metrics:`` list (GeometryEval, ContinualEval, probe.py), with no fmprobe
+  file changed. Adding a built-in: its geometry module (the function), one line in :data:`BUILTIN_METRICS`, its
+  test, its README row.
+- :class:`MetricSettings` holds every evaluation default once; callers pass an instance (jsonargparse accepts it
+  in both CLIs: ``--settings.knn_ks '[10, 20]'``, ``settings: {knn_temperature: 0.1}`` in YAML).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from torch import Tensor
+
+FeatureSet = Mapping[str, Tensor]
+Metric = Callable[..., dict]
+
+#: Short name -> ``module:function`` of each built-in metric (imported when first used).
+BUILTIN_METRICS: dict[str, str] = {
+    "knn": "geometry.knn:knn_metrics",
+    "kmeans": "geometry.kmeans:kmeans_metrics",
+    "linear": "geometry.linear_probe:linear_metrics",
+    "fewshot": "geometry.fewshot:fewshot_metrics",
+    "hierarchy": "geometry.hierarchy:hierarchy_suite_metrics",
+}
+
+#: The metrics a GeometryEval / probe.py run computes when the user names none.
+DEFAULT_METRICS: tuple[str, ...] = ("knn", "kmeans", "linear", "hierarchy")
+
+
+@dataclass
+class MetricSettings:
+    """Every default of an evaluation, written once.
+
+    Args:
+        knn_ks: k values of the weighted kNN, all from one retrieval (DINO's protocol).
+        knn_temperature: Temperature T of the kNN vote weights exp(sim / T) (DINO: 0.07).
+        knn_topk: Top-t accuracies reported for each k.
+        kmeans_n_init: k-means++ restarts (the lowest inertia wins).
+        fewshot_ways: Classes per few-shot episode.
+        fewshot_shots: Support samples per class, one accuracy per value.
+        fewshot_queries: Query samples per class in an episode.
+        fewshot_episodes: Episodes averaged (the 95% interval is over episodes).
+        probe_l2_grid: L2 strengths the linear probe chooses from on a holdout of the bank; None: the probe's
+            own grid (one value per decade, ``geometry.linear_probe.DEFAULT_L2_GRID``).
+        seed: Seed of k-means, the probe's holdout split, few-shot episodes and every sampled subset.
+        uniformity_t: Temperature t of the uniformity loss (Wang & Isola: 2).
+        similarity_k: Neighbours of mutual kNN and CKNNA.
+        calibration_permutations: Permutations of the null distribution of calibrated similarities.
+        lowshot_n_per_class: Training samples per class kept by the low-shot kNN / probe.
+        lowshot_n_tries: Seeded tries averaged per low-shot size.
+        shift_split: How sub-classes are split into source and target for subpopulation shift.
+        triplets_n: Odd-one-out triplets drawn from the dataset's taxonomy.
+        bootstrap_n: Bootstrap resamples of the queries for confidence intervals (0: none).
+        bootstrap_level: Confidence level of the intervals.
+    """
+
+    knn_ks: tuple[int, ...] = (10, 20, 100, 200)
+    knn_temperature: float = 0.07
+    knn_topk: tuple[int, ...] = (1, 5)
+    kmeans_n_init: int = 3
+    fewshot_ways: int = 5
+    fewshot_shots: tuple[int, ...] = (1, 10)
+    fewshot_queries: int = 15
+    fewshot_episodes: int = 600
+    probe_l2_grid: tuple[float, ...] | None = None
+    seed: int = 0
+    uniformity_t: float = 2.0
+    similarity_k: int = 10
+    calibration_permutations: int = 200
+    lowshot_n_per_class: tuple[int, ...] = (1, 2, 5, 10)
+    lowshot_n_tries: int = 5
+    shift_split: str = "rand"
+    triplets_n: int = 10000
+    bootstrap_n: int = 1000
+    bootstrap_level: float = 0.95
+
+    def __post_init__(self) -> None:
+        # YAML and the command line give lists; keep tuples so settings hash and compare by value.
+        for name in ("knn_ks", "knn_topk", "fewshot_shots", "lowshot_n_per_class", "probe_l2_grid"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, tuple(value))
+        if not self.knn_ks or min(self.knn_ks) < 1:
+            raise ValueError(f"settings.knn_ks must be positive integers, got {list(self.knn_ks)}")
+        if self.knn_temperature is not None and self.knn_temperature <= 0:
+            raise ValueError(f"settings.knn_temperature must be > 0, got {self.knn_temperature}")
+        if self.kmeans_n_init < 1:
+            raise ValueError(f"settings.kmeans_n_init must be >= 1, got {self.kmeans_n_init}")
+
+
+def _import_dotted(path: str) -> Metric:
+    module_name, _, attribute = path.replace(":", ".").rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"metric {path!r}: cannot import module {module_name!r} ({error})") from error
+    metric = getattr(module, attribute, None)
+    if not callable(metric):
+        raise ValueError(f"metric {path!r}: module {module_name!r} has no function {attribute!r}")
+    return metric
+
+
+def resolve_metric(name: str) -> Metric:
+    """The function of a built-in short name or of a dotted path ``package.module.function``."""
+    if not isinstance(name, str):
+        raise ValueError(f"a metric is named by a string, got {name!r}")
+    if name in BUILTIN_METRICS:
+        return _import_dotted(BUILTIN_METRICS[name])
+    if "." in name:
+        return _import_dotted(name)
+    raise ValueError(
+        f"unknown metric {name!r}; built-in metrics are {sorted(BUILTIN_METRICS)}; name your own metric "
+        "by its dotted path 'package.module.function' (a function (bank, query, settings) -> dict[str, float] "
+        "importable from the current directory or PYTHONPATH)"
+    )
+
+
+def check_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
+    """Resolve every name now (errors at configuration time, not after the first epoch); returns the names."""
+    names = tuple(metrics)
+    for name in names:
+        resolve_metric(name)
+    return names
+
+
+def metric_keywords(name: str) -> tuple[str, ...]:
+    """The optional feature sets (``novel``, ``reference``) the metric ``name`` declares."""
+    return tuple(_keywords(resolve_metric(name)))
+
+
+def _keywords(metric: Metric) -> dict[str, inspect.Parameter]:
+    try:
+        parameters = inspect.signature(metric).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {n: p for n, p in parameters.items() if n in ("novel", "reference")
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def _as_floats(name: str, values) -> dict[str, float]:
+    if not isinstance(values, Mapping):
+        raise TypeError(f"metric {name!r} must return a dict of floats, got {type(values).__name__}")
+    out = {}
+    for key, value in values.items():
+        try:
+            out[str(key)] = float(value)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"metric {name!r} returned a non-number for {key!r}: {value!r}") from error
+    return out
+
+
+def evaluate_features(bank: FeatureSet, query: FeatureSet, metrics: Iterable[str],
+                      settings: MetricSettings | None = None, novel: FeatureSet | None = None,
+                      reference: FeatureSet | None = None, on_error: str = "raise") -> dict[str, float]:
+    """Every requested metric of one (bank, query) pair of feature sets, as one flat ``{name: float}``.
+
+    kNN and the linear probe learn from the bank and are scored on the queries; k-means, few-shot and the
+    hierarchy use the queries (the hierarchy: plus ``novel``). ``reference`` holds the query samples' embeddings
+    at fit start (drift metrics). ``on_error="warn"`` skips a metric whose data cannot support it (a
+    ``ValueError``, e.g. too few samples per class for an episode) with a warning naming it, instead of losing
+    the others. Two metrics returning the same key is an error.
+    """
+    if on_error not in ("raise", "warn"):
+        raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
+    settings = MetricSettings() if settings is None else settings
+    available = {"novel": novel, "reference": reference}
+    out: dict[str, float] = {}
+    for name in metrics:
+        metric = resolve_metric(name)
+        kwargs = {}
+        for keyword, parameter in _keywords(metric).items():
+            if available[keyword] is None and parameter.default is inspect.Parameter.empty:
+                warnings.warn(f"metric {name!r} needs {keyword} features, which this evaluation does not have; "
+                              "skipped", stacklevel=2)
+                break
+            kwargs[keyword] = available[keyword]
+        else:
+            try:
+                values = _as_floats(name, metric(bank, query, settings, **kwargs))
+            except ValueError as error:
+                if on_error == "raise":
+                    raise
+                warnings.warn(f"metric {name!r} skipped: {error}", stacklevel=2)
+                continue
+            clash = sorted(set(values) & set(out))
+            if clash:
+                raise ValueError(f"metric {name!r} returns keys {clash} that another metric already returned")
+            out.update(values)
+    return out

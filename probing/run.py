@@ -1,0 +1,204 @@
+"""A probe run: backbones x datasets -> cached features -> suite metrics -> results.csv / .json, tables, plots.
+
+``probe.py`` parses the options and calls :func:`run_probe`; everything a run does lives here.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from geometry.suite import MetricSettings
+
+
+def resolve_blocks(layers: str | list[int], num_layers: int, backbone: str) -> list[int]:
+    """Block indices wanted besides the final embedding."""
+    if layers == "final":
+        return []
+    if layers == "all":
+        return list(range(num_layers))
+    if isinstance(layers, str):
+        raise ValueError(f"--layers must be 'final', 'all' or a list of block indices, got {layers!r}")
+    blocks = []
+    for index in layers:
+        if not -num_layers <= index < num_layers:
+            raise ValueError(f"--layers: block {index} does not exist in {backbone} ({num_layers} blocks)")
+        blocks.append(index % num_layers)
+    return sorted(set(blocks))
+
+
+def resolve_query_split(datamodule, query_split: str) -> str:
+    """``auto`` -> the one rule GeometryEval follows too (``BaseDataModule.query_dataset``): the validation split
+    when the DataModule has validation samples, else test."""
+    if query_split == "auto":
+        return "val" if len(datamodule.val_dataset()) else "test"
+    if query_split == "val" and len(datamodule.val_dataset()) == 0:
+        raise ValueError(f"{type(datamodule).__name__} has no validation samples; use --query_split test or auto")
+    return query_split
+
+
+def split_datasets(datamodule, query_split: str) -> dict[str, tuple[str, Any]]:
+    """The splits a probe reads, as ``{role: (split name, dataset)}``: ``train`` (the bank), ``query`` (scored;
+    see :func:`resolve_query_split`) and ``novel`` (held-out sub-classes) where they exist."""
+    name = resolve_query_split(datamodule, query_split)
+    query = datamodule.val_dataset() if name == "val" else datamodule.test_dataset()
+    splits = {"train": ("train", datamodule.bank_dataset()), "query": (name, query)}
+    if hasattr(datamodule, "novel_dataset"):
+        novel = datamodule.novel_dataset()
+        if len(novel):
+            splits["novel"] = ("novel", novel)
+    return splits
+
+
+
+
+def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]:
+    """Run a probe from probe.py's parsed options; returns ``{"run_dir", "rows", "plots", "cache",
+    "extraction_calls", ...}`` (empty on ranks > 0). ``config_text`` is written as the run's config.yaml."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from probing.cache import FeatureCache
+    from probing.evaluate import check_metrics, evaluate
+    from probing.extract import ExtractionRunner, FeatureCollector, normalise_precision
+    from probing.specs import parse_backbone, parse_dataset, unique_labels
+    from report.run_info import versions
+
+    started = time.time()
+    metrics = check_metrics(cfg.metrics)
+    block_metrics = check_metrics(cfg.layer_metrics if cfg.layer_metrics is not None else cfg.metrics,
+                                  "layer_metrics")
+    if cfg.query_split not in ("auto", "test", "val"):
+        raise ValueError(f"--query_split must be 'auto', 'test' or 'val', got {cfg.query_split!r}")
+    if cfg.embedding_map not in ("auto", "pca", "umap", "none"):
+        raise ValueError(f"--embedding_map must be auto, pca, umap or none, got {cfg.embedding_map!r}")
+    backbones = [parse_backbone(entry, cfg.image_size) for entry in cfg.backbones]
+    datasets = [parse_dataset(entry) for entry in cfg.datasets]
+    unique_labels([b.id for b in backbones], "backbones")
+    unique_labels([d.label for d in datasets], "datasets")
+    for dataset in datasets:
+        dataset.datamodule_class()  # a missing dataset module fails now, before any extraction
+    pairs = check_pairs(cfg.synthetic_vs_real, [d.label for d in datasets])
+    cfg.precision = normalise_precision(cfg.precision)
+
+    is_rank_zero = rank_zero_only.rank == 0
+    run_dir = Path(cfg.runs_dir) / f"probe-{cfg.name or time.strftime('%Y%m%d-%H%M%S')}"
+    config = {k: v for k, v in cfg.as_dict().items() if k != "config"}
+    if is_rank_zero:
+        from report.io import atomic_write_text
+
+        atomic_write_text(run_dir / "config.yaml", config_text)
+
+    cache = FeatureCache(cfg.cache_dir, enabled=cfg.cache, rebuild=cfg.rebuild_cache, writable=is_rank_zero)
+    runner = ExtractionRunner(cfg.accelerator, cfg.devices, cfg.strategy, cfg.num_nodes, cfg.precision,
+                              cfg.feature_dtype, cfg.progress)
+    max_sizes = {"train": cfg.max_bank_size, "val": cfg.max_query_size, "test": cfg.max_query_size}
+    collector = FeatureCollector(runner, cache, max_sizes, settings.seed, cfg.precision, cfg.feature_dtype)
+    # The whole train split is the bank unless validation queries are asked for (a dataset's own
+    # init_args.val_fraction still wins, and --query_split auto then scores on its val split).
+    common = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "seed": settings.seed,
+              "val_fraction": 0.1 if cfg.query_split == "val" else 0.0}
+    features: dict[str, dict[str, dict]] = {}
+    query_splits: dict[str, str] = {}
+    modules: dict[str, Any] = {}
+    for entry in backbones:
+        backbone = entry.build(settings.seed)
+        blocks = resolve_blocks(cfg.layers, backbone.num_layers, entry.id)
+        backbone_key = {"id": entry.default_id, **entry.cache_key(backbone.weights_fingerprint(), settings.seed)}
+        for dataset in datasets:
+            datamodule = dataset.build(backbone.preprocessing.to_dict(), common, cfg.data_root, cfg.download)
+            modules.setdefault(dataset.label, datamodule)
+            dataset_key = {"label": dataset.label, **dataset.cache_key(datamodule)}
+            features.setdefault(entry.id, {})[dataset.label] = {
+                role: collector.collect(backbone, backbone_key, dataset_key, datamodule, split, data, blocks)
+                for role, (split, data) in split_datasets(datamodule, cfg.query_split).items()
+            }
+            query_splits[dataset.label] = resolve_query_split(datamodule, cfg.query_split)
+        backbone.cpu()
+        del backbone
+    extraction_seconds = time.time() - started
+    if not is_rank_zero:
+        return {}
+
+    rows, cka_section = evaluate(features, metrics, block_metrics, settings, cfg.cka_debiased)
+    cka_section["split"] = query_splits
+    comparisons, tables = [], []
+    if pairs:
+        from probing.synthetic_real import synthetic_vs_real
+
+        for real, synthetic in pairs:
+            pair_rows, report, table = synthetic_vs_real(features, modules, real, synthetic)
+            rows += pair_rows
+            comparisons.append(report)
+            tables.append(table)
+    plot_paths = draw_plots(run_dir / "plots", rows, cka_section, features, modules, pairs, cfg, settings) \
+        if cfg.plots else []
+    return finish(run_dir, rows, config, versions(), cka_section, comparisons, tables, collector, cache, runner,
+                  plot_paths, [b.id for b in backbones], extraction_seconds, started)
+
+
+
+
+def check_pairs(pairs: list[dict[str, str]] | None, labels: list[str]) -> list[tuple[str, str]]:
+    checked = []
+    for pair in pairs or []:
+        if set(pair) != {"real", "synthetic"}:
+            raise ValueError(f"--synthetic_vs_real entries are {{real: <dataset>, synthetic: <dataset>}}, got {pair}")
+        for side in ("real", "synthetic"):
+            if pair[side] not in labels:
+                raise ValueError(f"--synthetic_vs_real: {side} dataset {pair[side]!r} is not among --datasets {labels}")
+        checked.append((pair["real"], pair["synthetic"]))
+    return checked
+
+
+def draw_plots(out_dir: Path, rows, cka_section, features, modules, pairs, cfg, settings) -> list[Path]:
+    from probing import plots
+
+    paths = []
+    if cfg.embedding_map != "none":
+        method = plots.map_method(cfg.embedding_map)
+        for backbone, per_dataset in features.items():
+            for dataset, splits in per_dataset.items():
+                paths.append(plots.embedding_map(out_dir, backbone, dataset, splits, modules[dataset],
+                                                 "query", method, settings.seed))
+            for real, synthetic in pairs:
+                paths.append(plots.synthetic_real_map(
+                    out_dir, backbone, real, synthetic, per_dataset[real], per_dataset[synthetic],
+                    list(modules[real].class_names), list(modules[synthetic].class_names), method, settings.seed))
+    paths += plots.cka_heatmaps(out_dir, cka_section)
+    paths += plots.layer_curves(out_dir, rows)
+    paths += plots.metric_bars(out_dir, rows)
+    for stale in set(out_dir.glob("*.png")) - set(paths):  # from an earlier run under the same name
+        stale.unlink()
+    return paths
+
+
+def finish(run_dir: Path, rows, config, versions, cka_section, comparisons, tables, collector, cache, runner,
+           plot_paths, backbone_ids, extraction_seconds, started) -> dict[str, Any]:
+    """Write results.csv / results.json and print the tables and where everything is."""
+    from rich.console import Console
+
+    from probing.report import best_layer_table, final_table, write_csv, write_json
+
+    csv_path = write_csv(run_dir / "results.csv", rows)
+    json_path = write_json(
+        run_dir / "results.json", rows, run_dir=str(run_dir.resolve()), config=config, versions=versions,
+        cka=cka_section, synthetic_vs_real=comparisons, features=collector.log,
+        cache={"dir": str(cache.root), **dict(cache.stats)}, extraction_calls=runner.calls,
+        plots=[str(p) for p in plot_paths],
+        seconds={"extraction": round(extraction_seconds, 2), "total": round(time.time() - started, 2)},
+    )
+    console = Console(width=None if sys.stdout.isatty() else 160)  # logs: no folding at 80 columns
+    console.print(final_table(rows, backbone_ids))
+    if any(r["layer"] != "final" for r in rows):
+        console.print(best_layer_table(rows))
+    for table in tables:
+        console.print(table)
+    stats = dict(cache.stats)
+    console.print(f"features      : {runner.calls} extractions, cache {stats} in {cache.root}")
+    console.print(f"results       : {csv_path.resolve()}\n                {json_path.resolve()}")
+    if plot_paths:
+        console.print(f"plots         : {len(plot_paths)} PNGs in {(run_dir / 'plots').resolve()}")
+    return {"run_dir": run_dir, "rows": rows, "plots": plot_paths, "cache": stats,
+            "extraction_calls": runner.calls, "results_json": json_path, "results_csv": csv_path}
