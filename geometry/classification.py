@@ -11,8 +11,15 @@ scikit-learn raises an error there instead.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+
+
+class UndefinedAUCError(ValueError):
+    """No class or label has both positive and negative samples, so there is no AUC to average."""
 
 
 def _pair(pred, y) -> tuple[Tensor, Tensor]:
@@ -58,7 +65,7 @@ def binary_auc(scores, positive) -> float:
 def _macro(aucs: list[float], what: str) -> float:
     defined = [a for a in aucs if a == a]
     if not defined:
-        raise ValueError(f"AUC is undefined for every {what}: each has only positive or only negative samples")
+        raise UndefinedAUCError(f"AUC is undefined for every {what}: each has only positive or only negative samples")
     return sum(defined) / len(defined)
 
 
@@ -102,3 +109,60 @@ def multilabel_accuracy(pred, y) -> float:
     if pred.shape != y.shape or y.ndim != 2:
         raise ValueError(f"pred and y must both be (N, L), got {tuple(pred.shape)} and {tuple(y.shape)}")
     return float((pred.to(y.device).long() == y.long()).double().mean(dim=0).mean())
+
+
+def auc_entry(key: str, compute: Callable[[], float]) -> dict[str, float]:
+    """``{key: compute()}`` for a suite metric, or ``{}`` with a warning when no class or label of this data has
+    an AUC (e.g. a tiny query set with one class), so the other numbers of the metric survive."""
+    try:
+        return {key: compute()}
+    except UndefinedAUCError as error:
+        warnings.warn(f"{key} skipped: {error}", stacklevel=2)
+        return {}
+
+
+def per_class_results(bank, query, settings, probe: bool = True) -> dict[str, dict[str, float]]:
+    """Per-class numbers of the kNN and the linear probe for ``results.json``, beside the suite's flat dict.
+
+    Single-label data: ``{"knn@{k}": {class: recall}}`` for every k of ``settings.knn_ks`` the bank can feed and
+    ``{"linear_probe": {class: recall}}``. Multi-label data: ``knn_auc@{k}`` / ``knn_acc@{k}`` and
+    ``linear_probe_auc`` / ``linear_probe_acc``, each ``{label: value}`` (labels without an AUC are left out).
+    Inner keys are strings (JSON object keys). ``probe=False`` leaves out the probe, which costs one more fit.
+    Same settings, seeds and therefore predictions as the ``knn`` and ``linear`` suite metrics.
+    """
+    # Imported here: geometry.knn and geometry.linear_probe import this module's metrics.
+    from geometry.knn import knn_multilabel_scores, knn_predict
+    from geometry.linear_probe import linear_probe, multilabel_linear_probe
+
+    bank_x, query_x, query_y = bank["embedding"].float(), query["embedding"].float(), query["label"]
+    ks = tuple(k for k in settings.knn_ks if k <= len(bank_x))
+    out: dict[str, dict[str, float]] = {}
+    if query_y.ndim > 1:
+        scores = knn_multilabel_scores(bank_x, bank["label"], query_x, ks=ks, temperature=settings.knn_temperature)
+        for k in ks:
+            out[f"knn_auc@{k}"] = _defined(per_label_auc(scores[k], query_y))
+            out[f"knn_acc@{k}"] = _label_accuracy(scores[k] > 0.5, query_y)
+        if probe:
+            fit = multilabel_linear_probe(bank_x, bank["label"], query_x, query_y, l2_grid=settings.probe_l2_grid,
+                                          seed=settings.seed)
+            out["linear_probe_auc"] = _defined(per_label_auc(fit["scores"], query_y))
+            out["linear_probe_acc"] = _label_accuracy(fit["predictions"], query_y)
+        return out
+    if ks:
+        for k, predicted in knn_predict(bank_x, bank["label"], query_x, ks=ks,
+                                        temperature=settings.knn_temperature).items():
+            out[f"knn@{k}"] = {str(c): v for c, v in per_class_accuracy(predicted, query_y).items()}
+    if probe:
+        fit = linear_probe(bank_x, bank["label"], query_x, query_y, l2_grid=settings.probe_l2_grid,
+                           seed=settings.seed, return_probabilities=True)
+        out["linear_probe"] = {str(c): v for c, v in per_class_accuracy(fit["predictions"], query_y).items()}
+    return out
+
+
+def _defined(values: list[float]) -> dict[str, float]:
+    return {str(i): v for i, v in enumerate(values) if v == v}
+
+
+def _label_accuracy(pred, y) -> dict[str, float]:
+    per_label = (torch.as_tensor(pred).long().to(y.device) == y.long()).double().mean(dim=0)
+    return {str(i): float(v) for i, v in enumerate(per_label)}

@@ -25,15 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from geometry.common import (
-    as_features,
-    as_labels,
-    check_distance,
-    has_single_labels,
-    rows_per_chunk,
-    squared_norms,
-    unit_rows,
-)
+from geometry.classification import auc_entry, balanced_accuracy, multilabel_accuracy, multilabel_macro_auc
+from geometry.common import as_features, as_labels, check_distance, rows_per_chunk, squared_norms, unit_rows
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -153,21 +146,31 @@ def knn_topk_accuracy(bank, bank_labels, queries, query_labels, ks: Sequence[int
     votes too would fill the remaining places by label value, so renaming the classes would change the
     accuracy. Query labels absent from the bank count as errors.
     """
+    return _topk_accuracy_and_predictions(bank, bank_labels, queries, query_labels, ks, topk, temperature, distance,
+                                          chunk_size)[0]
+
+
+def _topk_accuracy_and_predictions(bank, bank_labels, queries, query_labels, ks, topk, temperature, distance,
+                                   chunk_size) -> tuple[dict[int, dict[int, float]], dict[int, Tensor]]:
+    """``knn_topk_accuracy`` and ``knn_predict`` from one retrieval: the first ranked class is the prediction."""
     bank, bank_class, classes, queries, ks = _prepare(bank, bank_labels, queries, ks, distance)
     query_labels = as_labels(query_labels, queries.shape[0], "query_labels").to(bank.device)
     topk = tuple(sorted({int(t) for t in topk}))
     if not topk or topk[0] < 1:
         raise ValueError(f"topk must be positive integers, got {topk}")
     hits = {t: dict.fromkeys(ks, 0) for t in topk}
+    predictions = {k: torch.empty(queries.shape[0], dtype=torch.long, device=bank.device) for k in ks}
     for start, ranked in _ranked_classes(bank, bank_class, len(classes), queries, ks, temperature, distance,
                                          chunk_size, n_ranks=topk[-1]):
         for k in ks:
-            truth = query_labels[start : start + ranked[k].shape[0]].unsqueeze(1)
-            correct = (classes[ranked[k].clamp(min=0)] == truth) & (ranked[k] >= 0)
+            rows = slice(start, start + ranked[k].shape[0])
+            predicted = classes[ranked[k].clamp(min=0)]
+            predictions[k][rows] = predicted[:, 0]  # the nearest neighbour's class always has a vote
+            correct = (predicted == query_labels[rows].unsqueeze(1)) & (ranked[k] >= 0)
             for t in topk:
                 hits[t][k] += int(correct[:, :t].any(dim=1).sum())
     n = queries.shape[0]
-    return {t: {k: hits[t][k] / n for k in ks} for t in topk}
+    return {t: {k: hits[t][k] / n for k in ks} for t in topk}, predictions
 
 
 def knn_accuracy(bank, bank_labels, queries, query_labels, ks: Sequence[int] = DEFAULT_KS,
@@ -267,17 +270,35 @@ def lowshot_knn_accuracy(bank_x, bank_y, query_x, query_y, n_per_class: Sequence
     return result
 
 
-def knn_metrics(bank, query, settings) -> dict[str, float]:
-    """Suite metric ``knn``: ``knn_top{t}@{k}`` for every k of ``settings.knn_ks`` the bank can feed."""
-    if not has_single_labels(query, "kNN"):
-        return {}
+def _suite_ks(bank, settings) -> tuple[int, ...]:
     n_bank = len(bank["embedding"])
     ks = tuple(k for k in settings.knn_ks if k <= n_bank)
     if len(ks) < len(settings.knn_ks):
         warnings.warn(f"kNN: k values {sorted(set(settings.knn_ks) - set(ks))} exceed the bank size {n_bank}; "
-                      "skipped", stacklevel=2)
+                      "skipped", stacklevel=3)
+    return ks
+
+
+def knn_metrics(bank, query, settings) -> dict[str, float]:
+    """Suite metric ``knn``: ``knn_top{t}@{k}`` and the top-1 balanced accuracy ``knn_balanced@{k}`` for every k
+    of ``settings.knn_ks`` the bank can feed, from one retrieval.
+
+    Multi-label data ((N, L) 0/1 labels) gives instead, per k, the per-label macro AUC ``knn_auc@{k}`` and the
+    mean per-label accuracy ``knn_label_acc@{k}`` of the weighted label fractions (``knn_multilabel_scores``).
+    """
+    ks = _suite_ks(bank, settings)
     if not ks:
         return {}
-    accuracy = knn_topk_accuracy(bank["embedding"].float(), bank["label"], query["embedding"].float(),
-                                 query["label"], ks=ks, topk=settings.knn_topk, temperature=settings.knn_temperature)
-    return {f"knn_top{t}@{k}": value for t in settings.knn_topk for k, value in accuracy[t].items()}
+    if query["label"].ndim > 1:
+        scores = knn_multilabel_scores(bank["embedding"].float(), bank["label"], query["embedding"].float(), ks=ks,
+                                       temperature=settings.knn_temperature)
+        out = {f"knn_label_acc@{k}": multilabel_accuracy(scores[k] > 0.5, query["label"]) for k in ks}
+        for k in ks:
+            out.update(auc_entry(f"knn_auc@{k}", lambda k=k: multilabel_macro_auc(scores[k], query["label"])))
+        return out
+    accuracy, predictions = _topk_accuracy_and_predictions(
+        bank["embedding"].float(), bank["label"], query["embedding"].float(), query["label"], ks, settings.knn_topk,
+        settings.knn_temperature, "cosine", None)
+    out = {f"knn_top{t}@{k}": value for t in settings.knn_topk for k, value in accuracy[t].items()}
+    out.update({f"knn_balanced@{k}": balanced_accuracy(predictions[k], query["label"]) for k in ks})
+    return out

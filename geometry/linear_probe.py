@@ -26,7 +26,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from geometry.common import addmm_rows, as_features, as_labels, column_means, has_single_labels
+from geometry.classification import (
+    auc_entry,
+    balanced_accuracy,
+    macro_auc,
+    multilabel_accuracy,
+    multilabel_macro_auc,
+)
+from geometry.common import addmm_rows, as_features, as_labels, column_means
 from geometry.knn import lowshot_subsets
 
 # One value per decade: from nearly unregularised to strongly shrunk (C = 1/(l2 n) spans 8 decades too).
@@ -340,9 +347,21 @@ def lowshot_linear_probe_accuracy(bank_x, bank_y, query_x, query_y, n_per_class:
 
 
 def linear_metrics(bank, query, settings) -> dict[str, float]:
-    """Suite metric ``linear``: ``linear_probe_acc``, fit on the bank (L2 chosen on its holdout), scored on queries."""
-    if not has_single_labels(query, "linear probe"):
-        return {}
-    accuracy = linear_probe_accuracy(bank["embedding"].float(), bank["label"], query["embedding"].float(),
-                                     query["label"], l2_grid=settings.probe_l2_grid, seed=settings.seed)
-    return {"linear_probe_acc": accuracy}
+    """Suite metric ``linear``: fit on the bank (L2 chosen on its holdout), scored on the queries.
+
+    ``linear_probe_acc``, the balanced accuracy ``linear_probe_balanced_acc`` and the one-vs-rest macro AUC of
+    the test probabilities ``linear_probe_auc``. Multi-label data ((N, L) 0/1 labels): one binary probe per
+    label (``multilabel_linear_probe``), giving the per-label macro AUC ``linear_probe_auc`` and the mean
+    per-label accuracy ``linear_probe_label_acc``.
+    """
+    if query["label"].ndim > 1:
+        fit = multilabel_linear_probe(bank["embedding"].float(), bank["label"], query["embedding"].float(),
+                                      query["label"], l2_grid=settings.probe_l2_grid, seed=settings.seed)
+        return {"linear_probe_label_acc": multilabel_accuracy(fit["predictions"], query["label"]),
+                **auc_entry("linear_probe_auc", lambda: multilabel_macro_auc(fit["scores"], query["label"]))}
+    fit = linear_probe(bank["embedding"].float(), bank["label"], query["embedding"].float(), query["label"],
+                       l2_grid=settings.probe_l2_grid, seed=settings.seed, return_probabilities=True)
+    return {"linear_probe_acc": fit["accuracy"],
+            "linear_probe_balanced_acc": balanced_accuracy(fit["predictions"], query["label"]),
+            **auc_entry("linear_probe_auc",
+                        lambda: macro_auc(fit["probabilities"], query["label"], classes=fit["classes"]))}

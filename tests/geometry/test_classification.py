@@ -141,3 +141,67 @@ def test_multilabel_probe_matches_per_label_sklearn_auc():
         reference = roc_auc_score(yt[:, label], clf.predict_proba((xt - mean) / std)[:, 1])
         assert roc_auc_score(yt[:, label], ours["scores"][:, label].numpy()) == pytest.approx(reference, abs=0.01)
     assert torch.equal(ours["predictions"], (ours["scores"] > 0.5).long())
+
+
+def feature_set(x, y):
+    return {"embedding": torch.as_tensor(x), "label": torch.as_tensor(y), "index": torch.arange(len(y))}
+
+
+def test_suite_knn_and_probe_add_balanced_accuracy_and_auc():
+    from geometry.classification import per_class_results
+    from geometry.knn import knn_metrics, knn_topk_accuracy
+    from geometry.linear_probe import linear_metrics
+    from geometry.suite import MetricSettings
+
+    x, y = imbalanced(seed=0)
+    xt, yt = imbalanced(300, seed=1)
+    bank, query = feature_set(x, y), feature_set(xt, yt)
+    settings = MetricSettings(knn_ks=(5, 20), probe_l2_grid=(1e-3, 1e-1))
+    knn = knn_metrics(bank, query, settings)
+    topk = knn_topk_accuracy(bank["embedding"], y, query["embedding"], yt, ks=(5, 20))
+    predicted = knn_predict(bank["embedding"], y, query["embedding"], ks=(5, 20))
+    for k in (5, 20):
+        assert knn[f"knn_top1@{k}"] == topk[1][k] and knn[f"knn_top5@{k}"] == topk[5][k]
+        assert knn[f"knn_balanced@{k}"] == pytest.approx(balanced_accuracy_score(yt, predicted[k].numpy()), abs=1e-12)
+    linear = linear_metrics(bank, query, settings)
+    fit = linear_probe(x, y, xt, yt, l2_grid=(1e-3, 1e-1), return_probabilities=True)
+    assert linear["linear_probe_acc"] == fit["accuracy"]
+    assert linear["linear_probe_balanced_acc"] == pytest.approx(
+        balanced_accuracy_score(yt, fit["predictions"].numpy()), abs=1e-12)
+    assert linear["linear_probe_auc"] == pytest.approx(
+        roc_auc_score(yt, fit["probabilities"].double().numpy(), multi_class="ovr"), abs=1e-6)
+    assert linear["linear_probe_balanced_acc"] < linear["linear_probe_acc"]  # small classes are harder here
+    per_class = per_class_results(bank, query, settings)
+    assert sorted(per_class) == ["knn@20", "knn@5", "linear_probe"]
+    assert per_class["knn@5"] == {str(c): v for c, v in per_class_accuracy(predicted[5], yt).items()}
+    assert np.mean(list(per_class["linear_probe"].values())) == pytest.approx(linear["linear_probe_balanced_acc"])
+
+
+def test_suite_knn_and_probe_score_multilabel_data():
+    from geometry.classification import per_class_results
+    from geometry.knn import knn_metrics
+    from geometry.linear_probe import linear_metrics
+    from geometry.suite import MetricSettings
+
+    x, _ = imbalanced(500, seed=0)
+    xt, _ = imbalanced(200, seed=1)
+    w = np.random.default_rng(5).normal(size=(8, 4))
+    y = (x @ w + np.random.default_rng(6).normal(size=(500, 4)) > 1.0).astype(np.int64)
+    yt = (xt @ w + np.random.default_rng(7).normal(size=(200, 4)) > 1.0).astype(np.int64)
+    bank, query = feature_set(x, y), feature_set(xt, yt)
+    settings = MetricSettings(knn_ks=(10,), probe_l2_grid=(1e-3,))
+    knn = knn_metrics(bank, query, settings)
+    scores = knn_multilabel_scores(bank["embedding"], y, query["embedding"], ks=(10,))[10].numpy()
+    assert sorted(knn) == ["knn_auc@10", "knn_label_acc@10"]
+    assert knn["knn_auc@10"] == pytest.approx(roc_auc_score(yt, scores, average="macro"), abs=1e-6)
+    assert knn["knn_label_acc@10"] == pytest.approx(np.mean((scores > 0.5) == yt), abs=1e-12)
+    linear = linear_metrics(bank, query, settings)
+    assert sorted(linear) == ["linear_probe_auc", "linear_probe_label_acc"]
+    assert linear["linear_probe_auc"] > 0.8 and knn["knn_auc@10"] > 0.7
+    per_label = per_class_results(bank, query, settings, probe=False)
+    assert sorted(per_label) == ["knn_acc@10", "knn_auc@10"]
+    assert np.mean(list(per_label["knn_auc@10"].values())) == pytest.approx(knn["knn_auc@10"])
+    # A query set where no label has both values: the AUC is left out with a warning, the accuracy stays.
+    constant = feature_set(xt, np.zeros_like(yt))
+    with pytest.warns(UserWarning, match="knn_auc@10 skipped"):
+        assert sorted(knn_metrics(bank, constant, settings)) == ["knn_label_acc@10"]

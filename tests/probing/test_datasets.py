@@ -16,7 +16,7 @@ def test_cifar_and_medmnist_by_short_name(tmp_path):
     root = tmp_path / "data"
     write_cifar10(root)
     write_medmnist(root, "pathmnist", n=30)
-    write_medmnist(root, "chestmnist", n=30)  # multi-label: label-based metrics are skipped, CKA still works
+    write_medmnist(root, "chestmnist", n=30)  # multi-label: k-means is skipped, kNN per label, CKA
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = probe.main(["--name", "short", "--runs_dir", str(tmp_path / "runs"), "--cache_dir",
@@ -30,7 +30,7 @@ def test_cifar_and_medmnist_by_short_name(tmp_path):
     for dataset in ("cifar10", "medmnist-path"):
         assert {r["metric"] for r in rows if r["dataset"] == dataset} >= {"knn_top1@3", "kmeans_nmi", "cka_backbones"}
     chest = {r["metric"] for r in rows if r["dataset"] == "medmnist-chest"}
-    assert chest == {"cka_backbones"}
+    assert chest == {"cka_backbones", "knn_auc@3", "knn_label_acc@3"}  # kNN scores multi-label data per label
     features = {(f["dataset"], f["split"]): f["n"] for f in probe_log(result)}
     assert features[("cifar10", "train")] == 20 and features[("cifar10", "test")] == 8
     assert features[("medmnist-path", "train")] == 30
