@@ -15,6 +15,10 @@ factor that leaves every vote ranking unchanged but keeps Euclidean weights from
 Class-vote ties go to the smallest label (top-t lists rank only classes that received a vote, so they do
 not depend on label values beyond such ties); ties between equidistant bank samples at the k-th place are
 resolved by ``torch.topk`` (deterministic for a given input and device, but unspecified).
+
+The same retrieval also gives normalised per-class vote scores (``knn_class_scores``, for AUC), per-label
+weighted vote fractions for multi-label data (``knn_multilabel_scores``), and DINOv2's low-shot kNN on n
+samples per class (``lowshot_subsets``, ``lowshot_knn_accuracy``).
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ curvature estimate mixes heads of very different conditioning: on 8000 x 128 x 3
 >500 iterations where the slowest head alone needs ~40, so it is not used.
 The grid is scored on a seeded stratified holdout of the *train* features; the test features are touched
 only once, by the final refit on all train features.
+
+Multi-label data gets one binary probe per label (``multilabel_linear_probe``); the k-shot probe
+(``lowshot_linear_probe_accuracy``) fits n samples per class with one fixed l2.
 """
 
 from __future__ import annotations
