@@ -13,10 +13,12 @@ from geometry.classification import (
     multilabel_accuracy,
     multilabel_macro_auc,
     per_class_accuracy,
+    per_class_results,
     per_label_auc,
 )
-from geometry.knn import knn_class_scores, knn_multilabel_scores, knn_predict
-from geometry.linear_probe import linear_probe, multilabel_linear_probe
+from geometry.knn import knn_class_scores, knn_metrics, knn_multilabel_scores, knn_predict, knn_topk_accuracy
+from geometry.linear_probe import linear_metrics, linear_probe, multilabel_linear_probe
+from geometry.suite import MetricSettings
 
 
 def imbalanced(n=600, n_classes=5, dim=8, seed=0):
@@ -24,6 +26,16 @@ def imbalanced(n=600, n_classes=5, dim=8, seed=0):
     centers = np.random.default_rng(100).normal(size=(n_classes, dim)) * 1.5
     y = rng.choice(n_classes, n, p=np.array([0.5, 0.25, 0.15, 0.07, 0.03])[:n_classes])
     return (centers[y] + rng.normal(size=(n, dim))).astype(np.float32), y
+
+
+def multilabel(n_train, n_test, n_labels, threshold):
+    """Labels from a noisy linear score of the features: (x, y, xt, yt) with (N, L) 0/1 labels."""
+    x, _ = imbalanced(n_train, seed=0)
+    xt, _ = imbalanced(n_test, seed=1)
+    w = np.random.default_rng(5).normal(size=(8, n_labels))
+    y = (x @ w + np.random.default_rng(6).normal(size=(n_train, n_labels)) > threshold).astype(np.int64)
+    yt = (xt @ w + np.random.default_rng(7).normal(size=(n_test, n_labels)) > threshold).astype(np.int64)
+    return x, y, xt, yt
 
 
 def test_balanced_and_per_class_accuracy_match_sklearn():
@@ -126,11 +138,7 @@ def test_probe_probabilities_leave_its_results_unchanged():
 
 
 def test_multilabel_probe_matches_per_label_sklearn_auc():
-    x, _ = imbalanced(800, seed=0)
-    xt, _ = imbalanced(400, seed=1)
-    w = np.random.default_rng(5).normal(size=(8, 3))
-    y = (x @ w + np.random.default_rng(6).normal(size=(800, 3)) > 0.5).astype(np.int64)
-    yt = (xt @ w + np.random.default_rng(7).normal(size=(400, 3)) > 0.5).astype(np.int64)
+    x, y, xt, yt = multilabel(800, 400, 3, threshold=0.5)
     y[:, 2], yt[:, 2] = 0, (np.arange(400) < 40)  # a label never present in train
     ours = multilabel_linear_probe(x, y, xt, yt, l2_grid=(1e-4,))
     assert ours["scores"].shape == (400, 3)
@@ -148,11 +156,6 @@ def feature_set(x, y):
 
 
 def test_suite_knn_and_probe_add_balanced_accuracy_and_auc():
-    from geometry.classification import per_class_results
-    from geometry.knn import knn_metrics, knn_topk_accuracy
-    from geometry.linear_probe import linear_metrics
-    from geometry.suite import MetricSettings
-
     x, y = imbalanced(seed=0)
     xt, yt = imbalanced(300, seed=1)
     bank, query = feature_set(x, y), feature_set(xt, yt)
@@ -178,16 +181,7 @@ def test_suite_knn_and_probe_add_balanced_accuracy_and_auc():
 
 
 def test_suite_knn_and_probe_score_multilabel_data():
-    from geometry.classification import per_class_results
-    from geometry.knn import knn_metrics
-    from geometry.linear_probe import linear_metrics
-    from geometry.suite import MetricSettings
-
-    x, _ = imbalanced(500, seed=0)
-    xt, _ = imbalanced(200, seed=1)
-    w = np.random.default_rng(5).normal(size=(8, 4))
-    y = (x @ w + np.random.default_rng(6).normal(size=(500, 4)) > 1.0).astype(np.int64)
-    yt = (xt @ w + np.random.default_rng(7).normal(size=(200, 4)) > 1.0).astype(np.int64)
+    x, y, xt, yt = multilabel(500, 200, 4, threshold=1.0)
     bank, query = feature_set(x, y), feature_set(xt, yt)
     settings = MetricSettings(knn_ks=(10,), probe_l2_grid=(1e-3,))
     knn = knn_metrics(bank, query, settings)
