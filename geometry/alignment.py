@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from geometry.common import as_features, as_labels, unit_rows
+from geometry.common import as_features, as_labels, has_single_labels, unit_rows
 
 EASY, HARD, OTHER_CLASS = 0, 1, 2  # kinds of taxonomy triplets; OTHER_CLASS: no hierarchy given
 _PAIRS = ((1, 2), (0, 2), (0, 1))  # the pair kept together when column 0, 1, 2 is the odd one
@@ -195,6 +195,8 @@ def oddoneout_metrics(bank, query, settings) -> dict[str, float]:
     ``oddoneout_acc`` over all triplets; with a ``superclass`` in the query set also ``oddoneout_easy_acc`` and
     ``oddoneout_hard_acc`` (half the triplets each).
     """
+    if not has_single_labels(query, "odd-one-out"):
+        return {}
     superclass = query.get("superclass")
     triplets, kind = taxonomy_triplets(query["label"], superclass, n=settings.triplets_n, seed=settings.seed)
     correct = (odd_one_out_predictions(query["embedding"], triplets).cpu() == 2).double()

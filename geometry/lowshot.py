@@ -7,6 +7,7 @@ over ``lowshot_n_tries`` tries. The functions themselves live beside their full-
 
 from __future__ import annotations
 
+from geometry.common import has_single_labels
 from geometry.knn import lowshot_knn_accuracy
 from geometry.linear_probe import lowshot_linear_probe_accuracy
 
@@ -17,6 +18,8 @@ def lowshot_metrics(bank, query, settings) -> dict[str, float]:
     kNN uses the smallest k of ``settings.knn_ks`` (clipped to the subset size) and ``knn_temperature``; the
     probe uses its fixed low-shot l2 (see ``lowshot_linear_probe_accuracy``). Seeded by ``settings.seed``.
     """
+    if not has_single_labels(query, "low-shot"):
+        return {}
     n_per_class = tuple(int(n) for n in settings.lowshot_n_per_class)
     common = dict(n_per_class=n_per_class, n_tries=settings.lowshot_n_tries, seed=settings.seed)
     knn = lowshot_knn_accuracy(bank["embedding"], bank["label"], query["embedding"], query["label"],

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from geometry.common import as_features, as_labels
+from geometry.common import as_features, as_labels, has_single_labels
 from geometry.linear_probe import linear_probe
 
 SPLITS = ("rand",)
@@ -101,6 +101,8 @@ def shift_metrics(bank, query, settings) -> dict[str, float]:
     Both feature sets carry ``label`` = sub-class and ``superclass``; settings used: ``shift_split``, ``seed``,
     ``probe_l2_grid``. Keys ``shift_source_acc``, ``shift_target_acc``, ``shift_gap``.
     """
+    if not has_single_labels(query, "subpopulation shift"):
+        return {}
     for name, features in (("bank", bank), ("query", query)):
         if features.get("superclass") is None:
             raise ValueError(f"the shift metric needs a class hierarchy: the {name} feature set has no "

@@ -88,3 +88,15 @@ def test_adapter_keys(data):
     knn = lowshot_knn_accuracy(bank, bank_y, queries, query_y, n_per_class=(1, 5), n_tries=2, k=10)
     assert result["lowshot_knn_5shot"] == knn[5]
     assert all(0.0 <= v <= 1.0 for v in result.values())
+
+
+def test_multilabel_data_is_skipped_with_a_warning():
+    from geometry.alignment import oddoneout_metrics
+    from geometry.shift import shift_metrics
+
+    multi = {"embedding": torch.randn(30, 4), "label": torch.randint(0, 2, (30, 3)), "index": torch.arange(30)}
+    settings = SimpleNamespace(lowshot_n_per_class=(1,), lowshot_n_tries=1, seed=0, knn_ks=(10,),
+                               knn_temperature=0.07, triplets_n=10, shift_split="rand", probe_l2_grid=None)
+    for metric in (lowshot_metrics, oddoneout_metrics, shift_metrics):
+        with pytest.warns(UserWarning, match="multi-label"):
+            assert metric(multi, multi, settings) == {}
