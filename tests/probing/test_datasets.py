@@ -5,11 +5,9 @@ from __future__ import annotations
 import warnings
 
 from fakes import one_torch_thread, write_cifar10, write_medmnist  # noqa: F401  (fixture applies here)
+from helpers.tiny import probe_backbones
 
 import probe
-
-TINY = ("[{name: convnext-tiny, weights: random, image_size: 32, overrides: {dims: [8, 16, 32, 64], "
-        "depths: [1, 1, 1, 1]}}]")
 
 
 def test_cifar_and_medmnist_by_short_name(tmp_path):
@@ -20,9 +18,7 @@ def test_cifar_and_medmnist_by_short_name(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = probe.main(["--name", "short", "--runs_dir", str(tmp_path / "runs"), "--cache_dir",
-                             str(tmp_path / "cache"), "--backbones", f"{TINY[:-1]}, "
-                             "{name: vit-b16, weights: random, image_size: 32, "
-                             "overrides: {embed_dim: 32, depth: 2, num_heads: 2, img_size: 32}}]",
+                             str(tmp_path / "cache"), "--backbones", probe_backbones("convnext-tiny", "vit-b16"),
                              "--datasets", "[cifar10, medmnist-path, medmnist-chest]", "--data_root", str(root),
                              "--metrics", "[knn, kmeans, cka]", "--settings.knn_ks", "[3]", "--num_workers", "0",
                              "--no_progress", "--embedding_map", "pca"])
