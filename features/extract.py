@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 FIELDS = ("embedding", "label", "index", "superclass")
 
 
-class NonFiniteEmbeddingError(FloatingPointError):
-    """The backbone produced NaN or Inf embeddings."""
+class NonFiniteError(FloatingPointError):
+    """A loss or an embedding became NaN or infinite (fmprobe's one error class for it)."""
 
 
 def seeded_subset(dataset: Dataset, max_size: int | None, seed: int) -> Dataset:
@@ -83,7 +83,7 @@ def extract(
             embedding = embed(images)
         embedding = embedding.float()
         if not torch.isfinite(embedding).all():
-            raise NonFiniteEmbeddingError(
+            raise NonFiniteError(
                 f"non-finite embeddings while extracting {what}, batch {batch_index} "
                 f"(sample indices {batch['index'][:5].tolist()}...)"
             )

@@ -12,8 +12,13 @@ its label with weight ``exp(s_j / T)``:
 
 Weights are computed relative to the nearest neighbour (``exp((s_j - s_1) / T)``): a per-query constant
 factor that leaves every vote ranking unchanged but keeps Euclidean weights from underflowing to zero.
-Class-vote ties go to the smallest label; ties between equidistant bank samples at the k-th place are
+Class-vote ties go to the smallest label (top-t lists rank only classes that received a vote, so they do
+not depend on label values beyond such ties); ties between equidistant bank samples at the k-th place are
 resolved by ``torch.topk`` (deterministic for a given input and device, but unspecified).
+
+The same retrieval also gives normalised per-class vote scores (``knn_class_scores``, for AUC), per-label
+weighted vote fractions for multi-label data (``knn_multilabel_scores``), and DINOv2's low-shot kNN on n
+samples per class (``lowshot_subsets``, ``lowshot_knn_accuracy``).
 """
 
 from __future__ import annotations
@@ -24,44 +29,44 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from geometry.common import (
-    as_features,
-    as_labels,
-    check_distance,
-    has_single_labels,
-    rows_per_chunk,
-    squared_norms,
-    unit_rows,
-)
+from geometry.classification import auc_entry, balanced_accuracy, multilabel_accuracy, multilabel_macro_auc
+from geometry.common import as_features, as_labels, check_distance, rows_per_chunk, squared_norms, unit_rows
 
 DEFAULT_KS = (10, 20, 100, 200)
 
 
-def _prepare(bank, bank_labels, queries, ks: Sequence[int], distance: str):
+def _prepare_retrieval(bank, queries, ks: Sequence[int], distance: str):
     check_distance(distance)
     bank = as_features(bank, "bank", allow_half=True)
     queries = as_features(queries, "queries", allow_half=True)
     if queries.shape[1] != bank.shape[1]:
         raise ValueError(f"queries have {queries.shape[1]} features but the bank has {bank.shape[1]}")
-    bank_labels = as_labels(bank_labels, bank.shape[0], "bank_labels").to(bank.device)
     ks = tuple(sorted({int(k) for k in ks}))
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
     if ks[-1] > bank.shape[0]:
         raise ValueError(f"k={ks[-1]} neighbours requested but the bank holds only {bank.shape[0]} samples")
-    # Votes are indexed by class position; mapping through the sorted unique labels keeps any label values.
-    classes, bank_class = torch.unique(bank_labels, return_inverse=True)
     if distance == "cosine":
         bank = unit_rows(bank)
+    return bank, queries, ks
+
+
+def _prepare(bank, bank_labels, queries, ks: Sequence[int], distance: str):
+    n_bank = as_features(bank, "bank", allow_half=True).shape[0]
+    bank_labels = as_labels(bank_labels, n_bank, "bank_labels")
+    bank, queries, ks = _prepare_retrieval(bank, queries, ks, distance)
+    # Votes are indexed by class position; mapping through the sorted unique labels keeps any label values.
+    classes, bank_class = torch.unique(bank_labels.to(bank.device), return_inverse=True)
     return bank, bank_class, classes, queries, ks
 
 
-def _ranked_classes(bank, bank_class, n_classes, queries, ks, temperature, distance, chunk_size, n_ranks):
-    """Yield, per query chunk, ``{k: (chunk, n_ranks) class positions ordered by weighted vote}``."""
-    max_k = ks[-1]
+def _neighbours(bank, queries, max_k, temperature, distance, chunk_size):
+    """Yield, per query chunk, ``(start, top_index (chunk, max_k), weights (chunk, max_k) float64)``.
+
+    Neighbours are sorted nearest first; weights are relative to the nearest one (the first weight is 1).
+    """
     bank_t = bank.T
     bank_sq = squared_norms(bank) if distance == "euclidean" else None
-    n_ranks = min(n_ranks, n_classes)
     step = rows_per_chunk(bank.shape[0], bank.device, chunk_size)
     for start in range(0, queries.shape[0], step):
         q = queries[start : start + step].to(device=bank.device, dtype=bank.dtype)
@@ -79,15 +84,40 @@ def _ranked_classes(bank, bank_class, n_classes, queries, ks, temperature, dista
             weights = torch.ones_like(top_scores)
         else:
             weights = ((top_scores - top_scores[:, :1]) / temperature).exp_()
+        yield start, top_index, weights
+
+
+def _class_votes(bank, bank_class, n_classes, queries, ks, temperature, distance, chunk_size):
+    """Yield, per query chunk, ``(start, {k: (votes, voted)})``: summed weights (chunk, C) float64 and whether
+    at least one of the k neighbours belongs to the class (chunk, C) bool."""
+    for start, top_index, weights in _neighbours(bank, queries, ks[-1], temperature, distance, chunk_size):
         neighbour_class = bank_class[top_index]
-        ranked = {}
+        out = {}
         for k in ks:
-            votes = torch.zeros(q.shape[0], n_classes, dtype=torch.float64, device=bank.device)
+            votes = torch.zeros(top_index.shape[0], n_classes, dtype=torch.float64, device=bank.device)
             votes.scatter_add_(1, neighbour_class[:, :k], weights[:, :k])
+            # Counted apart from the weights: a far neighbour's weight may underflow to 0 but is still a vote.
+            voted = torch.zeros(top_index.shape[0], n_classes, dtype=torch.bool, device=bank.device)
+            voted.scatter_(1, neighbour_class[:, :k], True)
+            out[k] = votes, voted
+        yield start, out
+
+
+def _ranked_classes(bank, bank_class, n_classes, queries, ks, temperature, distance, chunk_size, n_ranks):
+    """Yield, per query chunk, ``{k: (chunk, n_ranks) class positions ordered by weighted vote}``.
+
+    Only classes that received a vote are ranked; the ranks after the last voted class hold -1.
+    """
+    n_ranks = min(n_ranks, n_classes)
+    for start, votes in _class_votes(bank, bank_class, n_classes, queries, ks, temperature, distance, chunk_size):
+        ranked = {}
+        for k, (vote, voted) in votes.items():
             if n_ranks == 1:
-                ranked[k] = votes.argmax(dim=1, keepdim=True)  # first maximum: the smallest label wins ties
+                ranked[k] = vote.argmax(dim=1, keepdim=True)  # first maximum: the smallest label wins ties
             else:
-                ranked[k] = votes.sort(dim=1, descending=True, stable=True).indices[:, :n_ranks]
+                # Votes are >= 0, so -1 puts every class without a vote after all voted ones.
+                order = vote.masked_fill(~voted, -1.0).sort(dim=1, descending=True, stable=True).indices[:, :n_ranks]
+                ranked[k] = order.masked_fill_(~voted.gather(1, order), -1)
         yield start, ranked
 
 
@@ -114,24 +144,37 @@ def knn_topk_accuracy(bank, bank_labels, queries, query_labels, ks: Sequence[int
                       chunk_size: int | None = None) -> dict[int, dict[int, float]]:
     """``{t: {k: accuracy}}``: fraction of queries whose label is among the t highest-voted classes of k neighbours.
 
-    All k and all t come from the same single retrieval. With fewer than t classes the top-t accuracy is 1.
-    Query labels absent from the bank count as errors.
+    All k and all t come from the same single retrieval. Only classes that received at least one of the k
+    votes are ranked: when fewer than t classes did, the top-t list is that shorter list, and a query whose
+    class got no vote is a miss (the top-t accuracy at k=1 is the top-1 accuracy). Ranking classes without
+    votes too would fill the remaining places by label value, so renaming the classes would change the
+    accuracy. Query labels absent from the bank count as errors.
     """
+    return _topk_accuracy_and_predictions(bank, bank_labels, queries, query_labels, ks, topk, temperature, distance,
+                                          chunk_size)[0]
+
+
+def _topk_accuracy_and_predictions(bank, bank_labels, queries, query_labels, ks, topk, temperature, distance,
+                                   chunk_size) -> tuple[dict[int, dict[int, float]], dict[int, Tensor]]:
+    """``knn_topk_accuracy`` and ``knn_predict`` from one retrieval: the first ranked class is the prediction."""
     bank, bank_class, classes, queries, ks = _prepare(bank, bank_labels, queries, ks, distance)
     query_labels = as_labels(query_labels, queries.shape[0], "query_labels").to(bank.device)
     topk = tuple(sorted({int(t) for t in topk}))
     if not topk or topk[0] < 1:
         raise ValueError(f"topk must be positive integers, got {topk}")
     hits = {t: dict.fromkeys(ks, 0) for t in topk}
+    predictions = {k: torch.empty(queries.shape[0], dtype=torch.long, device=bank.device) for k in ks}
     for start, ranked in _ranked_classes(bank, bank_class, len(classes), queries, ks, temperature, distance,
                                          chunk_size, n_ranks=topk[-1]):
         for k in ks:
-            truth = query_labels[start : start + ranked[k].shape[0]].unsqueeze(1)
-            correct = classes[ranked[k]] == truth
+            rows = slice(start, start + ranked[k].shape[0])
+            predicted = classes[ranked[k].clamp(min=0)]
+            predictions[k][rows] = predicted[:, 0]  # the nearest neighbour's class always has a vote
+            correct = (predicted == query_labels[rows].unsqueeze(1)) & (ranked[k] >= 0)
             for t in topk:
                 hits[t][k] += int(correct[:, :t].any(dim=1).sum())
     n = queries.shape[0]
-    return {t: {k: hits[t][k] / n for k in ks} for t in topk}
+    return {t: {k: hits[t][k] / n for k in ks} for t in topk}, predictions
 
 
 def knn_accuracy(bank, bank_labels, queries, query_labels, ks: Sequence[int] = DEFAULT_KS,
@@ -142,17 +185,124 @@ def knn_accuracy(bank, bank_labels, queries, query_labels, ks: Sequence[int] = D
                              distance=distance, chunk_size=chunk_size)[1]
 
 
-def knn_metrics(bank, query, settings) -> dict[str, float]:
-    """Suite metric ``knn``: ``knn_top{t}@{k}`` for every k of ``settings.knn_ks`` the bank can feed."""
-    if not has_single_labels(query, "kNN"):
-        return {}
+def knn_class_scores(bank, bank_labels, queries, ks: Sequence[int] = DEFAULT_KS, temperature: float | None = 0.07,
+                     distance: str = "cosine", chunk_size: int | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+    """Per-class vote scores: ``(classes (C,), {k: (n_queries, C) float64})``.
+
+    Row i, column c is the summed weight of query i's k neighbours of class ``classes[c]`` divided by the
+    summed weight of all k (rows sum to 1): a class-probability estimate for AUC and calibration. Its argmax
+    (first maximum) is ``knn_predict``'s prediction. Same retrieval and weights as ``knn_predict``.
+    """
+    bank, bank_class, classes, queries, ks = _prepare(bank, bank_labels, queries, ks, distance)
+    scores = {k: torch.empty(queries.shape[0], len(classes), dtype=torch.float64, device=bank.device) for k in ks}
+    for start, votes in _class_votes(bank, bank_class, len(classes), queries, ks, temperature, distance, chunk_size):
+        for k, (vote, _) in votes.items():
+            scores[k][start : start + vote.shape[0]] = vote / vote.sum(dim=1, keepdim=True)
+    return classes, scores
+
+
+def as_multilabel(y, n: int, name: str = "labels") -> Tensor:
+    """(n, L) 0/1 label matrix as float64; an error if any entry is not 0 or 1."""
+    y = torch.as_tensor(y)
+    if y.ndim != 2 or y.shape[0] != n or y.shape[1] == 0:
+        raise ValueError(f"{name} must be a (N, L) 0/1 matrix with N={n}, got shape {tuple(y.shape)}")
+    if not bool(((y == 0) | (y == 1)).all()):
+        raise ValueError(f"{name} must hold only 0 and 1 (multi-label indicators)")
+    return y.double()
+
+
+def knn_multilabel_scores(bank, bank_labels, queries, ks: Sequence[int] = DEFAULT_KS,
+                          temperature: float | None = 0.07, distance: str = "cosine",
+                          chunk_size: int | None = None) -> dict[int, Tensor]:
+    """Multi-label kNN: ``{k: (n_queries, L) float64}``, per label the weighted fraction of the k neighbours
+    that carry it. ``bank_labels`` is an (N, L) 0/1 matrix. A label is predicted present when its score
+    exceeds 0.5 (a weighted majority; an exact tie counts as absent, as class ties go to the smaller label).
+    """
+    bank, queries, ks = _prepare_retrieval(bank, queries, ks, distance)
+    bank_labels = as_multilabel(bank_labels, bank.shape[0], "bank_labels").to(bank.device)
+    scores = {k: torch.empty(queries.shape[0], bank_labels.shape[1], dtype=torch.float64, device=bank.device)
+              for k in ks}
+    for start, top_index, weights in _neighbours(bank, queries, ks[-1], temperature, distance, chunk_size):
+        total = weights.cumsum(dim=1)
+        rows = slice(start, start + top_index.shape[0])
+        for label in range(bank_labels.shape[1]):  # one label at a time: (chunk, k) memory, never (chunk, k, L)
+            carried = (weights * bank_labels[:, label][top_index]).cumsum(dim=1)
+            for k in ks:
+                scores[k][rows, label] = carried[:, k - 1] / total[:, k - 1]
+    return scores
+
+
+def lowshot_subsets(labels, n_per_class: int, n_tries: int = 5, seed: int = 0) -> list[Tensor]:
+    """``n_tries`` sorted index sets, each keeping ``n_per_class`` random samples of every class (all of a class
+    that has fewer), as DINOv2's low-shot kNN. Try t draws one random order per class from a generator seeded
+    with ``seed + t`` and keeps its first n, so for one try the subsets of growing n are nested.
+    """
+    labels = torch.as_tensor(labels).reshape(-1).cpu()
+    if int(n_per_class) < 1 or int(n_tries) < 1:
+        raise ValueError(f"n_per_class and n_tries must be positive, got {n_per_class} and {n_tries}")
+    subsets = []
+    for t in range(int(n_tries)):
+        generator = torch.Generator().manual_seed(int(seed) + t)
+        order = torch.randperm(len(labels), generator=generator)
+        order = order[torch.sort(labels[order], stable=True).indices]  # grouped by class, random within a class
+        _, inverse, counts = torch.unique(labels[order], return_inverse=True, return_counts=True)
+        rank_in_class = torch.arange(len(labels)) - (torch.cumsum(counts, 0) - counts)[inverse]
+        subsets.append(order[rank_in_class < int(n_per_class)].sort().values)
+    return subsets
+
+
+def lowshot_knn_accuracy(bank_x, bank_y, query_x, query_y, n_per_class: Sequence[int] = (1, 2, 5, 10),
+                         n_tries: int = 5, k: int = 10, seed: int = 0, temperature: float | None = 0.07,
+                         distance: str = "cosine", chunk_size: int | None = None) -> dict[int, float]:
+    """``{n: mean top-1 kNN accuracy}`` over ``n_tries`` banks of n samples per class (``lowshot_subsets``).
+
+    DINOv2's low-shot protocol; every query is scored against each sampled bank. When a sampled bank holds
+    fewer than k samples (e.g. 1 shot of 5 classes with k=10), all of it votes (k is clipped to its size).
+    """
+    bank_x = as_features(bank_x, "bank_x", allow_half=True)
+    bank_y = as_labels(bank_y, bank_x.shape[0], "bank_y")
+    result = {}
+    for n in n_per_class:
+        accuracies = []
+        for subset in lowshot_subsets(bank_y, n, n_tries, seed):
+            subset = subset.to(bank_x.device)
+            k_used = min(int(k), len(subset))
+            accuracies.append(knn_accuracy(bank_x[subset], bank_y.to(bank_x.device)[subset], query_x, query_y,
+                                           ks=(k_used,), temperature=temperature, distance=distance,
+                                           chunk_size=chunk_size)[k_used])
+        result[int(n)] = sum(accuracies) / len(accuracies)
+    return result
+
+
+def _suite_ks(bank, settings) -> tuple[int, ...]:
     n_bank = len(bank["embedding"])
     ks = tuple(k for k in settings.knn_ks if k <= n_bank)
     if len(ks) < len(settings.knn_ks):
         warnings.warn(f"kNN: k values {sorted(set(settings.knn_ks) - set(ks))} exceed the bank size {n_bank}; "
-                      "skipped", stacklevel=2)
+                      "skipped", stacklevel=3)
+    return ks
+
+
+def knn_metrics(bank, query, settings) -> dict[str, float]:
+    """Suite metric ``knn``: ``knn_top{t}@{k}`` and the top-1 balanced accuracy ``knn_balanced@{k}`` for every k
+    of ``settings.knn_ks`` the bank can feed, from one retrieval.
+
+    Multi-label data ((N, L) 0/1 labels) gives instead, per k, the per-label macro AUC ``knn_auc@{k}`` and the
+    mean per-label accuracy ``knn_label_acc@{k}`` of the weighted label fractions (``knn_multilabel_scores``).
+    """
+    ks = _suite_ks(bank, settings)
     if not ks:
         return {}
-    accuracy = knn_topk_accuracy(bank["embedding"].float(), bank["label"], query["embedding"].float(),
-                                 query["label"], ks=ks, topk=settings.knn_topk, temperature=settings.knn_temperature)
-    return {f"knn_top{t}@{k}": value for t in settings.knn_topk for k, value in accuracy[t].items()}
+    if query["label"].ndim > 1:
+        scores = knn_multilabel_scores(bank["embedding"].float(), bank["label"], query["embedding"].float(), ks=ks,
+                                       temperature=settings.knn_temperature)
+        out = {f"knn_label_acc@{k}": multilabel_accuracy(scores[k] > 0.5, query["label"]) for k in ks}
+        for k in ks:
+            out.update(auc_entry(f"knn_auc@{k}", lambda k=k: multilabel_macro_auc(scores[k], query["label"])))
+        return out
+    accuracy, predictions = _topk_accuracy_and_predictions(
+        bank["embedding"].float(), bank["label"], query["embedding"].float(), query["label"], ks, settings.knn_topk,
+        settings.knn_temperature, "cosine", None)
+    out = {f"knn_top{t}@{k}": value for t in settings.knn_topk for k, value in accuracy[t].items()}
+    out.update({f"knn_balanced@{k}": balanced_accuracy(predictions[k], query["label"]) for k in ks})
+    return out

@@ -16,6 +16,9 @@ curvature estimate mixes heads of very different conditioning: on 8000 x 128 x 3
 >500 iterations where the slowest head alone needs ~40, so it is not used.
 The grid is scored on a seeded stratified holdout of the *train* features; the test features are touched
 only once, by the final refit on all train features.
+
+Multi-label data gets one binary probe per label (``multilabel_linear_probe``); the k-shot probe
+(``lowshot_linear_probe_accuracy``) fits n samples per class with one fixed l2.
 """
 
 from __future__ import annotations
@@ -26,7 +29,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from geometry.common import addmm_rows, as_features, as_labels, column_means, has_single_labels
+from geometry.classification import (
+    auc_entry,
+    balanced_accuracy,
+    macro_auc,
+    multilabel_accuracy,
+    multilabel_macro_auc,
+)
+from geometry.common import addmm_rows, as_features, as_labels, column_means
+from geometry.knn import lowshot_subsets
 
 # One value per decade: from nearly unregularised to strongly shrunk (C = 1/(l2 n) spans 8 decades too).
 DEFAULT_L2_GRID = tuple(10.0**e for e in range(-7, 1))
@@ -236,10 +247,13 @@ def stratified_holdout(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, T
 
 
 def linear_probe(train_x, train_y, test_x, test_y, l2_grid: Sequence[float] | None = None, seed: int = 0,
-                 holdout_fraction: float = 0.2, max_iter: int = 500, tol: float = 1e-4) -> dict:
+                 holdout_fraction: float = 0.2, max_iter: int = 500, tol: float = 1e-4,
+                 return_probabilities: bool = False) -> dict:
     """Sweep l2 on a holdout of train, refit on all train with the best, score on test.
 
-    Returns ``{"accuracy": float (test, top-1), "l2": float (chosen), "holdout_accuracy": {l2: float}}``.
+    Returns ``{"accuracy": float (test, top-1), "l2": float (chosen), "holdout_accuracy": {l2: float}}``;
+    ``return_probabilities`` adds the test set's ``"probabilities"`` (N_test, C) (softmax of the final head),
+    ``"predictions"`` (N_test,) in label values and ``"classes"`` (C,), the label of each column.
     Ties on the holdout go to the larger l2 (the simpler model). Features are standardised with the
     statistics of the part being fitted (the fit part during the sweep, all train for the refit).
     Test labels absent from train count as errors.
@@ -266,9 +280,13 @@ def linear_probe(train_x, train_y, test_x, test_y, l2_grid: Sequence[float] | No
     mean, std = _standardizer(train_x)
     final = fit_logistic((train_x - mean) / std, train_y, grid[best], max_iter=max_iter, tol=tol, classes=classes,
                          init=(sweep.weight[best : best + 1], sweep.bias[best : best + 1]))
-    test_pred = final.predict((test_x.to(train_x.device, train_x.dtype) - mean) / std)[0]
-    return {"accuracy": float((test_pred == test_y).double().mean()), "l2": grid[best],
-            "holdout_accuracy": dict(zip(grid, held_acc))}
+    test_logits = final.logits((test_x.to(train_x.device, train_x.dtype) - mean) / std)[0]
+    test_pred = classes[test_logits.argmax(dim=1)]
+    result = {"accuracy": float((test_pred == test_y).double().mean()), "l2": grid[best],
+              "holdout_accuracy": dict(zip(grid, held_acc))}
+    if return_probabilities:
+        result.update(probabilities=test_logits.softmax(dim=1), predictions=test_pred, classes=classes)
+    return result
 
 
 def linear_probe_accuracy(train_x, train_y, test_x, test_y, l2_grid: Sequence[float] | None = None, seed: int = 0,
@@ -277,10 +295,76 @@ def linear_probe_accuracy(train_x, train_y, test_x, test_y, l2_grid: Sequence[fl
     return linear_probe(train_x, train_y, test_x, test_y, l2_grid=l2_grid, seed=seed, **kwargs)["accuracy"]
 
 
+def multilabel_linear_probe(train_x, train_y, test_x, test_y, l2_grid: Sequence[float] | None = None,
+                            seed: int = 0, **kwargs) -> dict:
+    """One binary probe per label of (N, L) 0/1 labels, each ``linear_probe`` with its own l2 sweep.
+
+    Returns ``{"scores": (N_test, L) probability of each label, "predictions": (N_test, L) 0/1 (score > 0.5),
+    "l2": [chosen l2 per label]}``. A label constant in train gets the constant score 0 or 1.
+    """
+    train_x = as_features(train_x, "train_x")
+    train_y = torch.as_tensor(train_y)
+    test_y = torch.as_tensor(test_y)
+    if train_y.ndim != 2 or test_y.ndim != 2 or train_y.shape[1] != test_y.shape[1]:
+        raise ValueError(f"multi-label y must be (N, L) with the same L, got {tuple(train_y.shape)} and "
+                         f"{tuple(test_y.shape)}")
+    scores, chosen = [], []
+    for label in range(train_y.shape[1]):
+        fit = linear_probe(train_x, train_y[:, label].contiguous(), test_x, test_y[:, label].contiguous(),
+                           l2_grid=l2_grid, seed=seed, return_probabilities=True, **kwargs)
+        positive = (fit["classes"] == 1).nonzero().flatten()
+        scores.append(fit["probabilities"][:, positive[0]] if len(positive) else
+                      torch.zeros(fit["probabilities"].shape[0], dtype=fit["probabilities"].dtype,
+                                  device=fit["probabilities"].device))
+        chosen.append(fit["l2"])
+    scores = torch.stack(scores, dim=1)
+    return {"scores": scores, "predictions": (scores > 0.5).long(), "l2": chosen}
+
+
+def lowshot_linear_probe_accuracy(bank_x, bank_y, query_x, query_y, n_per_class: Sequence[int] = (1, 2, 5, 10),
+                                  n_tries: int = 5, l2: float | None = None, seed: int = 0, max_iter: int = 500,
+                                  tol: float = 1e-4) -> dict[int, float]:
+    """``{n: mean test accuracy}`` of a k-shot probe fit on n samples per class, on the same sampled subsets
+    as ``geometry.knn.lowshot_knn_accuracy`` (``lowshot_subsets``), averaged over ``n_tries``.
+
+    With one sample per class no holdout is left to choose l2, so one fixed l2 is used; the default
+    ``l2=None`` is scikit-learn's default ``C=1``, i.e. l2 = 1 / (samples in the subset). Features are
+    standardised with the subset's statistics, as in ``linear_probe``.
+    """
+    bank_x = as_features(bank_x, "bank_x")
+    bank_y = as_labels(bank_y, bank_x.shape[0], "bank_y").to(bank_x.device)
+    query_x = as_features(query_x, "query_x").to(bank_x.device, bank_x.dtype)
+    query_y = as_labels(query_y, query_x.shape[0], "query_y").to(bank_x.device)
+    result = {}
+    for n in n_per_class:
+        accuracies = []
+        for subset in lowshot_subsets(bank_y, n, n_tries, seed):
+            subset = subset.to(bank_x.device)
+            x, y = bank_x[subset], bank_y[subset]
+            mean, std = _standardizer(x)
+            head = fit_logistic((x - mean) / std, y, 1.0 / len(subset) if l2 is None else l2, max_iter=max_iter,
+                                tol=tol)
+            accuracies.append(float((head.predict((query_x - mean) / std)[0] == query_y).double().mean()))
+        result[int(n)] = sum(accuracies) / len(accuracies)
+    return result
+
+
 def linear_metrics(bank, query, settings) -> dict[str, float]:
-    """Suite metric ``linear``: ``linear_probe_acc``, fit on the bank (L2 chosen on its holdout), scored on queries."""
-    if not has_single_labels(query, "linear probe"):
-        return {}
-    accuracy = linear_probe_accuracy(bank["embedding"].float(), bank["label"], query["embedding"].float(),
-                                     query["label"], l2_grid=settings.probe_l2_grid, seed=settings.seed)
-    return {"linear_probe_acc": accuracy}
+    """Suite metric ``linear``: fit on the bank (L2 chosen on its holdout), scored on the queries.
+
+    ``linear_probe_acc``, the balanced accuracy ``linear_probe_balanced_acc`` and the one-vs-rest macro AUC of
+    the test probabilities ``linear_probe_auc``. Multi-label data ((N, L) 0/1 labels): one binary probe per
+    label (``multilabel_linear_probe``), giving the per-label macro AUC ``linear_probe_auc`` and the mean
+    per-label accuracy ``linear_probe_label_acc``.
+    """
+    if query["label"].ndim > 1:
+        fit = multilabel_linear_probe(bank["embedding"].float(), bank["label"], query["embedding"].float(),
+                                      query["label"], l2_grid=settings.probe_l2_grid, seed=settings.seed)
+        return {"linear_probe_label_acc": multilabel_accuracy(fit["predictions"], query["label"]),
+                **auc_entry("linear_probe_auc", lambda: multilabel_macro_auc(fit["scores"], query["label"]))}
+    fit = linear_probe(bank["embedding"].float(), bank["label"], query["embedding"].float(), query["label"],
+                       l2_grid=settings.probe_l2_grid, seed=settings.seed, return_probabilities=True)
+    return {"linear_probe_acc": fit["accuracy"],
+            "linear_probe_balanced_acc": balanced_accuracy(fit["predictions"], query["label"]),
+            **auc_entry("linear_probe_auc",
+                        lambda: macro_auc(fit["probabilities"], query["label"], classes=fit["classes"]))}

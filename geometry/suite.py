@@ -36,6 +36,9 @@ BUILTIN_METRICS: dict[str, str] = {
     "linear": "geometry.linear_probe:linear_metrics",
     "fewshot": "geometry.fewshot:fewshot_metrics",
     "hierarchy": "geometry.hierarchy:hierarchy_suite_metrics",
+    "lowshot": "geometry.lowshot:lowshot_metrics",
+    "shift": "geometry.shift:shift_metrics",
+    "oddoneout": "geometry.alignment:oddoneout_metrics",
 }
 
 #: The metrics a GeometryEval / probe.py run computes when the user names none.

@@ -11,12 +11,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from features.extract import NonFiniteError
 from models.backbones import Backbone
 from models.pretrained_files import read_state_dict
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss or embedding became NaN or infinite."""
 
 
 def load_backbone_weights(backbone: torch.nn.Module, path: str | Path) -> None:

@@ -39,6 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from datamodules.continual import check_stream
+from datamodules.trainer_loop import batches_done
+from features.extract import eval_mode, seeded_subset
 from models.base import BackboneModule
 from models.ewc import EWCPenalty, fisher_diagonal, trainable_parameters
 from models.heads import MultiHead, build_head
@@ -137,8 +140,7 @@ class ContinualModule(BackboneModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "experience_classes"):
-            raise TypeError("ContinualModule needs a datamodules.continual.ContinualDataModule as data")
+        check_stream(datamodule, "ContinualModule")
         if datamodule.num_classes != self.num_classes:
             raise ValueError(f"the model has {self.num_classes} classes, the stream {datamodule.num_classes}")
         if self.head is None:
@@ -218,7 +220,6 @@ class ContinualModule(BackboneModule):
         from torch.func import functional_call
 
         from datamodules.continual import rank_shard
-        from features.extract import seeded_subset
 
         datamodule, trainer = self.trainer.datamodule, self.trainer
         dataset = seeded_subset(datamodule.experience_dataset(experience, "train", augment=False),
@@ -229,15 +230,10 @@ class ContinualModule(BackboneModule):
         def logits_fn(parameters, images):
             return functional_call(self, parameters, (images,), {"task": experience, "upto": experience})
 
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.enable_grad():
-                return fisher_diagonal(self, logits_fn, batches, self.hparams.ewc_fisher_labels,
-                                       seed=self.hparams.seed + experience,
-                                       reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
-        finally:
-            self.train(was_training)
+        with eval_mode(self), torch.enable_grad():
+            return fisher_diagonal(self, logits_fn, batches, self.hparams.ewc_fisher_labels,
+                                   seed=self.hparams.seed + experience,
+                                   reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
 
     # -- training ------------------------------------------------------------------------------------
     def _replay_batch(self) -> dict | None:
@@ -357,7 +353,7 @@ class ContinualModule(BackboneModule):
         per_experience = trainer.datamodule.epochs_per_experience
         batches = trainer.num_training_batches
         batches = batches if math.isfinite(batches) and batches > 0 else 1
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        done = batches_done(trainer)
         progress = ((trainer.current_epoch % per_experience) + min(done, batches) / batches) / per_experience
         warmup = self.hparams.warmup_epochs / per_experience
         if progress < warmup:

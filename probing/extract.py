@@ -270,3 +270,14 @@ class FeatureCollector:
                          "n": len(dataset), "source": source,
                          "seconds": round(time.perf_counter() - start, 3)})
         return features
+
+
+def cache_keys(entry, backbone, dataset, datamodule, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The backbone and dataset parts of a feature-cache key, as probe.py files them (the one place they are built).
+
+    ``entry`` / ``dataset`` are ``probing.specs`` entries; ``backbone`` the built backbone (its weights'
+    fingerprint is part of the key), ``datamodule`` the built DataModule.
+    """
+    backbone_key = {"id": entry.default_id, **entry.cache_key(backbone.weights_fingerprint(), seed)}
+    dataset_key = {"label": dataset.label, **dataset.cache_key(datamodule)}
+    return backbone_key, dataset_key

@@ -61,7 +61,7 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
 
     from probing.cache import FeatureCache
     from probing.evaluate import check_metrics, evaluate
-    from probing.extract import ExtractionRunner, FeatureCollector, normalise_precision
+    from probing.extract import ExtractionRunner, FeatureCollector, cache_keys, normalise_precision
     from probing.specs import parse_backbone, parse_dataset, unique_labels
     from report.run_info import versions
 
@@ -102,11 +102,10 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
     for entry in backbones:
         backbone = entry.build(settings.seed)
         blocks = resolve_blocks(cfg.layers, backbone.num_layers, entry.id)
-        backbone_key = {"id": entry.default_id, **entry.cache_key(backbone.weights_fingerprint(), settings.seed)}
         for dataset in datasets:
             datamodule = dataset.build(backbone.preprocessing.to_dict(), common, cfg.data_root, cfg.download)
             modules.setdefault(dataset.label, datamodule)
-            dataset_key = {"label": dataset.label, **dataset.cache_key(datamodule)}
+            backbone_key, dataset_key = cache_keys(entry, backbone, dataset, datamodule, settings.seed)
             features.setdefault(entry.id, {})[dataset.label] = {
                 role: collector.collect(backbone, backbone_key, dataset_key, datamodule, split, data, blocks)
                 for role, (split, data) in split_datasets(datamodule, cfg.query_split).items()

@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers.tiny import TINY_BACKBONE
 from PIL import Image
 
 from datamodules.base import IMAGENET_MEAN, IMAGENET_STD, BaseDataModule, Splits
@@ -22,8 +23,7 @@ PREP = {"input_size": 16, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
 
 #: A ConvNeXt of 127k random parameters (32 px input: ConvNeXt downsamples 32x).
-TINY = dict(backbone="convnext-tiny", weights="random", image_size=32,
-            backbone_overrides={"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)})
+TINY = dict(TINY_BACKBONE)
 
 
 class TinyData(BaseDataModule):

@@ -77,10 +77,10 @@ def test_nonfinite_loss_skip_policy_skips_the_step(tmp_path):
 
 
 def test_nonfinite_embeddings_stop_geometry_with_the_batch_named():
-    from features.extract import NonFiniteEmbeddingError, extract
+    from features.extract import NonFiniteError, extract
 
     loader = [{"image": torch.zeros(2, 3), "label": torch.zeros(2), "index": torch.tensor([4, 5])}]
-    with pytest.raises(NonFiniteEmbeddingError, match=r"batch 0 \(sample indices \[4, 5\]"):
+    with pytest.raises(NonFiniteError, match=r"batch 0 \(sample indices \[4, 5\]"):
         extract(lambda x: x / 0.0, loader, what="bank")
 
 

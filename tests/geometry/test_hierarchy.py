@@ -140,3 +140,29 @@ def test_novel_class_of_an_unseen_super_class_is_left_out_of_distances():
     assert m["novel_dist_same_super"] == pytest.approx(same4)
     assert m["novel_super_acc"] == pytest.approx(0.5)  # novel 5 cannot be placed correctly
     assert all(np.isfinite(v) for v in m.values())
+
+
+def test_novel_subclass_is_judged_against_known_centroids_only():
+    """A novel sub-class of super-class A sits nearer B's known centroid; had its own samples joined A's
+    centroid, A's centroid would move next to it and the answer would flip to a hit (the bug this guards)."""
+    known_a = [(10.0, 1.0), (10.0, -1.0)]          # sub-classes 0, 1 of super-class 0 (A)
+    known_b = [(-10.0, 1.0), (-10.0, -1.0)]        # sub-classes 2, 3 of super-class 1 (B)
+    rows, sub, sup = [], [], []
+    for s, (cx, cy) in enumerate(known_a + known_b):
+        for k in range(5):
+            rows.append((cx + 0.1 * k, cy))
+            sub.append(s)
+            sup.append(0 if s < 2 else 1)
+    for k in range(40):                             # novel sub-class 4 of super-class A, at x = -3
+        rows.append((-3.0 + 0.01 * k, 0.0))
+        sub.append(4)
+        sup.append(0)
+    x, sub, sup = torch.tensor(rows), torch.tensor(sub), torch.tensor(sup)
+    novel = sub == 4
+    out = hierarchy_metrics(x, sub, sup, novel_mask=novel, metric="euclidean")
+    assert out["novel_super_acc"] == 0.0 and out["novel_super_acc_samples"] == 0.0
+    # The wrong computation (novel samples inside A's centroid) would call it a hit: check the data does flip.
+    a_with_novel = torch.cat([x[(sup == 0) & ~novel], x[novel]]).mean(0)
+    a_known, b_known = x[(sup == 0) & ~novel].mean(0), x[sup == 1].mean(0)
+    novel_c = x[novel].mean(0)
+    assert (novel_c - a_with_novel).norm() < (novel_c - b_known).norm() < (novel_c - a_known).norm()

@@ -74,7 +74,8 @@ def numpy_topk_accuracy(bank, bank_y, queries, query_y, k, top):
         nearest = np.argsort(-sim[i], kind="stable")[:k]
         votes = np.zeros(len(classes))
         np.add.at(votes, np.searchsorted(classes, bank_y[nearest]), np.exp(sim[i, nearest] / T))
-        ranked = classes[np.argsort(-votes, kind="stable")[:top]]
+        # Only classes with a vote are ranked (a class without one is never in the top-t list).
+        ranked = classes[[c for c in np.argsort(-votes, kind="stable")[:top] if votes[c] > 0]]
         hits += query_y[i] in ranked
     return hits / len(q)
 

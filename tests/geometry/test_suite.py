@@ -113,7 +113,7 @@ def test_on_error_warn_keeps_the_other_metrics():
     with pytest.warns(UserWarning, match="metric 'linear' skipped"):
         got = evaluate_features(blobs(40), query, ["linear", "knn"],
                                 MetricSettings(knn_ks=(5,), probe_l2_grid=(-1.0,)), on_error="warn")
-    assert set(got) == {"knn_top1@5", "knn_top5@5"}
+    assert set(got) == {"knn_top1@5", "knn_top5@5", "knn_balanced@5"}
 
 
 def test_settings_validate_and_normalise_lists():
@@ -130,7 +130,10 @@ def test_every_builtin_resolves_and_multilabel_is_skipped_with_a_warning():
     assert check_metrics(BUILTIN_METRICS) == tuple(BUILTIN_METRICS)
     multi = {"embedding": torch.randn(30, 4), "label": torch.randint(0, 2, (30, 3)), "index": torch.arange(30)}
     with pytest.warns(UserWarning, match="multi-label"):
-        assert evaluate_features(multi, multi, ["knn", "kmeans", "linear", "fewshot"]) == {}
+        assert evaluate_features(multi, multi, ["kmeans", "fewshot"]) == {}
+    # kNN and the probe score multi-label data per label (AUC, mean per-label accuracy).
+    got = evaluate_features(multi, multi, ["knn", "linear"], MetricSettings(knn_ks=(5,)))
+    assert set(got) == {"knn_auc@5", "knn_label_acc@5", "linear_probe_auc", "linear_probe_label_acc"}
 
 
 def test_settings_parse_from_the_command_line_and_yaml():

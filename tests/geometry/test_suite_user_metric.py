@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 from fakes import one_torch_thread  # noqa: F401  (the shared one-thread fixture applies here)
-from helpers.tiny import TINY_ARGS
+from helpers.tiny import TINY_ARGS, probe_backbones
 
 import probe
 import train
@@ -44,8 +44,7 @@ def test_user_metric_in_fit_results_and_probe_csv(tmp_path, spread_metric):
     assert "geometry/spread" in logged
 
     result = probe.main(["--name", "user", "--runs_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache"),
-                         "--backbones", "[{name: convnext-tiny, weights: random, image_size: 32, "
-                         "overrides: {dims: [8, 16, 32, 64], depths: [1, 1, 1, 1]}}]",
+                         "--backbones", probe_backbones("convnext-tiny"),
                          "--datasets", "[{name: digits, init_args: {limit_data: 80}}]",
                          "--metrics", f"[{spread_metric}, knn]", "--settings.knn_ks", "[5]",
                          "--num_workers", "0", "--no_progress", "--no_plots"])

@@ -1,5 +1,10 @@
-"""The tiny quickstart every end-to-end test trains: a random ConvNeXt of 8-64 channels at 32 px on digits."""
+"""The tiny backbones every test builds, written once: specs by family, train.py and probe.py arguments.
 
+``TINY_SPECS[family]`` holds the registry-name overrides that make a random backbone of that family small enough
+for 2 CPU cores; ``probe_backbones(...)`` and ``TINY_ARGS`` turn them into probe.py / train.py arguments.
+"""
+
+import json
 import os
 import signal
 import subprocess
@@ -8,14 +13,32 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
+#: Per registry name: constructor overrides of a tiny random backbone (all fed 32 px images).
+TINY_SPECS: dict[str, dict] = {
+    "convnext-tiny": {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]},  # 127k parameters, 4 blocks
+    "vit-b16": {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32},
+    "resnet50": {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8},
+}
+
 TINY_BACKBONE = {"backbone": "convnext-tiny", "weights": "random", "image_size": 32,
-                 "backbone_overrides": {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]}}
+                 "backbone_overrides": TINY_SPECS["convnext-tiny"]}
+
+
+def probe_backbone(name: str, **extra) -> dict:
+    """One probe.py ``--backbones`` entry of the tiny ``name`` (``extra`` overrides, e.g. a label)."""
+    overrides = {**TINY_SPECS[name], **extra.pop("overrides", {})}
+    return {"name": name, "weights": "random", "image_size": 32, "overrides": overrides, **extra}
+
+
+def probe_backbones(*entries: str | dict) -> str:
+    """The ``--backbones`` value (JSON is YAML) of tiny backbones given by name or by ``probe_backbone`` dict."""
+    return json.dumps([probe_backbone(e) if isinstance(e, str) else e for e in entries])
 
 TINY_ARGS = [
     "--config", str(ROOT / "configs/quickstart.yaml"),
     "--model.init_args.backbone", "convnext-tiny",
     "--model.init_args.weights", "random",
-    "--model.init_args.backbone_overrides", '{"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]}',
+    "--model.init_args.backbone_overrides", json.dumps(TINY_SPECS["convnext-tiny"]),
     "--model.init_args.image_size", "32",
     "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",

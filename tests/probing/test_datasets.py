@@ -5,24 +5,20 @@ from __future__ import annotations
 import warnings
 
 from fakes import one_torch_thread, write_cifar10, write_medmnist  # noqa: F401  (fixture applies here)
+from helpers.tiny import probe_backbones
 
 import probe
-
-TINY = ("[{name: convnext-tiny, weights: random, image_size: 32, overrides: {dims: [8, 16, 32, 64], "
-        "depths: [1, 1, 1, 1]}}]")
 
 
 def test_cifar_and_medmnist_by_short_name(tmp_path):
     root = tmp_path / "data"
     write_cifar10(root)
     write_medmnist(root, "pathmnist", n=30)
-    write_medmnist(root, "chestmnist", n=30)  # multi-label: label-based metrics are skipped, CKA still works
+    write_medmnist(root, "chestmnist", n=30)  # multi-label: k-means is skipped, kNN per label, CKA
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = probe.main(["--name", "short", "--runs_dir", str(tmp_path / "runs"), "--cache_dir",
-                             str(tmp_path / "cache"), "--backbones", f"{TINY[:-1]}, "
-                             "{name: vit-b16, weights: random, image_size: 32, "
-                             "overrides: {embed_dim: 32, depth: 2, num_heads: 2, img_size: 32}}]",
+                             str(tmp_path / "cache"), "--backbones", probe_backbones("convnext-tiny", "vit-b16"),
                              "--datasets", "[cifar10, medmnist-path, medmnist-chest]", "--data_root", str(root),
                              "--metrics", "[knn, kmeans, cka]", "--settings.knn_ks", "[3]", "--num_workers", "0",
                              "--no_progress", "--embedding_map", "pca"])
@@ -30,7 +26,7 @@ def test_cifar_and_medmnist_by_short_name(tmp_path):
     for dataset in ("cifar10", "medmnist-path"):
         assert {r["metric"] for r in rows if r["dataset"] == dataset} >= {"knn_top1@3", "kmeans_nmi", "cka_backbones"}
     chest = {r["metric"] for r in rows if r["dataset"] == "medmnist-chest"}
-    assert chest == {"cka_backbones"}
+    assert chest == {"cka_backbones", "knn_auc@3", "knn_label_acc@3"}  # kNN scores multi-label data per label
     features = {(f["dataset"], f["split"]): f["n"] for f in probe_log(result)}
     assert features[("cifar10", "train")] == 20 and features[("cifar10", "test")] == 8
     assert features[("medmnist-path", "train")] == 30

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 from fakes import one_torch_thread  # noqa: F401  (the shared one-thread fixture applies here)
+from helpers.tiny import probe_backbones
 
 import probe
 from probing.cache import FeatureCache
 from probing.report import read_csv
 
 ROOT = Path(__file__).resolve().parents[2]
-ARGS = ["--backbones", "[{name: convnext-tiny, weights: random, image_size: 32, overrides: "
-                       "{dims: [8, 16, 32, 64], depths: [1, 1, 1, 1]}}]",
+ARGS = ["--backbones", probe_backbones("convnext-tiny"),
         "--datasets", "[{name: digits, init_args: {limit_data: 101}}]", "--max_query_size", "51",
         "--metrics", "[knn, kmeans]", "--settings.knn_ks", "[5]", "--layers", "[1]", "--batch_size", "16",
         "--num_workers", "0", "--no_plots", "--no_progress", "--accelerator", "cpu"]

@@ -13,18 +13,15 @@ import numpy as np
 import pytest
 import torch
 from fakes import one_torch_thread  # noqa: F401  (the shared one-thread fixture applies here)
+from helpers.tiny import probe_backbone, probe_backbones
 from PIL import Image
 
 import probe
 from probing.cache import FeatureCache
 from probing.report import COLUMNS, read_csv
 
-TINY_BACKBONES = (
-    '[{name: convnext-tiny, weights: random, image_size: 32, label: convnext-tiny@tiny,'
-    '  overrides: {dims: [8, 16, 32, 64], depths: [1, 1, 2, 1]}},'
-    ' {name: vit-b16, weights: random, image_size: 32, overrides: {embed_dim: 32, depth: 2, num_heads: 2,'
-    '  img_size: 32}}]'
-)
+TINY_BACKBONES = probe_backbones(
+    probe_backbone("convnext-tiny", label="convnext-tiny@tiny", overrides={"depths": [1, 1, 2, 1]}), "vit-b16")
 DATASETS = ('[{name: digits, init_args: {limit_data: 240}},'
             ' {name: synthetic, init_args: {per_class_train: 10, per_class_test: 16, image_size: 32}}]')
 KNN_KS = [5, 10]

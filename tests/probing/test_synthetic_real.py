@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from fakes import one_torch_thread  # noqa: F401  (the shared one-thread fixture applies here)
+from helpers.tiny import probe_backbones
 from PIL import Image
 
 import probe
@@ -42,8 +43,7 @@ def pair_run(tmp_path_factory):
     ])
     result = probe.main([
         "--name", "pair", "--runs_dir", str(root / "runs"), "--cache_dir", str(root / "cache"),
-        "--backbones", "[{name: convnext-tiny, weights: random, image_size: 32, overrides: "
-                       "{dims: [8, 16, 32, 64], depths: [1, 1, 1, 1]}}]",
+        "--backbones", probe_backbones("convnext-tiny"),
         "--datasets", datasets, "--metrics", "[knn]", "--settings.knn_ks", "[5]", "--num_workers", "0", "--no_progress",
         "--embedding_map", "pca", "--synthetic_vs_real", "[{real: shapes, synthetic: generated}]",
     ])
