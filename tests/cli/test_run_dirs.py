@@ -94,3 +94,16 @@ def test_a_failure_during_the_run_marks_it_failed(tmp_path):
         fit(tmp_path, "--run_name", "f", "--trainer.callbacks+=helpers.failing.FailAtStep")
     results = json.loads((tmp_path / "f" / "results.json").read_text())
     assert results["status"] == "failed" and "boom at step 1" in results["error"]
+
+
+@pytest.mark.parametrize("stage", ["validate", "predict"])
+def test_validate_and_predict_add_their_own_section_and_files(finished, stage):
+    runs, run_dir = finished
+    before = hashes(run_dir)
+    train.main([stage, *QUICK, "--runs_dir", str(runs), "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
+    after = hashes(run_dir)
+    assert all(after[name] == digest for name, digest in before.items() if name != "results.json")
+    assert f"config.{stage}.yaml" in after
+    section = json.loads((run_dir / "results.json").read_text())[stage]
+    assert section["status"] == "finished"
+    assert ("val/acc" in section) if stage == "validate" else section["batches"] > 0
