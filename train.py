@@ -28,6 +28,7 @@ if __name__ == "__main__":  # a broken config file is reported before the heavy 
 
     run_preflight(sys.argv[1:])
 
+from jsonargparse import ActionYesNo  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 
@@ -113,13 +114,31 @@ class OneLineErrorParser(errors.OneLineParserErrors, LightningArgumentParser):
 class FMProbeCLI(LightningCLI):
     """LightningCLI with fmprobe's links, run directory rules and always-on callbacks."""
 
+    def __init__(self, *args, **kwargs):
+        # Only the parser of the subcommand asked for is built (each costs ~0.5 s of class introspection);
+        # ``train.py --help`` without one still lists them all.
+        argv = kwargs.get("args")
+        argv = sys.argv[1:] if argv is None else argv
+        self._only_subcommand = argv[0] if isinstance(argv, list) and argv and argv[0] in self.subcommands() else None
+        super().__init__(*args, **kwargs)
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        if self._only_subcommand is None:
+            return super()._add_subcommands(parser, **kwargs)
+        every = LightningCLI.subcommands()
+        self.subcommands = lambda: {self._only_subcommand: every[self._only_subcommand]}
+        try:
+            super()._add_subcommands(parser, **kwargs)
+        finally:
+            del self.subcommands
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_name", type=str | None, default=None,
                             help="Run directory name under --runs_dir (default: <model>-<backbone>-<data>-<time>). "
                                  "A fit refuses a name already used unless it resumes it (--ckpt_path last) "
                                  "or --overwrite is given.")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Folder holding all run directories.")
-        parser.add_argument("--overwrite", type=bool, default=False,
+        parser.add_argument("--overwrite", action=ActionYesNo, default=False,
                             help="fit: delete an earlier run of the same --run_name (after every check passed).")
         parser.add_argument("--progress_every_s", type=float, default=30.0,
                             help="When stdout is not a terminal (nohup, SLURM): seconds between plain progress "
@@ -157,10 +176,10 @@ class FMProbeCLI(LightningCLI):
         run_dir = runs_dir / name
         rundir.check_writable(run_dir)
         if stage == "fit":
-            check_schedule(config)
             ckpt = config.get("ckpt_path")
             resuming = ckpt in ("last", "hpc") or (bool(ckpt) and rundir.is_inside(ckpt, run_dir))
             rundir.check_new_run(run_dir, bool(config.get("overwrite")), resuming)
+            check_schedule(config)
             self._replace = bool(config.get("overwrite")) and not resuming
         trainer = config["trainer"]
         trainer["default_root_dir"] = str(run_dir)

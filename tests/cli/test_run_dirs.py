@@ -64,18 +64,18 @@ def test_3_a_failing_command_on_an_existing_run_changes_nothing(finished):
     runs, run_dir = finished
     before = hashes(run_dir)
     with pytest.raises(ValueError, match="scheduler: cosine .*max_epochs -1"):  # issue: OverflowError
-        fit(runs, "--run_name", "quickstart", "--trainer.max_epochs", "-1", "--overwrite", "true")
+        fit(runs, "--run_name", "quickstart", "--trainer.max_epochs", "-1", "--overwrite")
     with pytest.raises(UsageError, match="already holds a run"):
         fit(runs, "--run_name", "quickstart", "--trainer.max_epochs", "-1")
     with pytest.raises(ValueError, match="limit_data must be a positive"):
-        fit(runs, "--overwrite", "true", "--data.init_args.limit_data", "-5")
+        fit(runs, "--overwrite", "--data.init_args.limit_data", "-5")
     assert hashes(run_dir) == before
 
 
 def test_overwrite_replaces_the_run_once_the_config_is_valid(tmp_path):
     fit(tmp_path, "--run_name", "r", "--trainer.max_epochs", "1")
     first = hashes(tmp_path / "r")
-    fit(tmp_path, "--run_name", "r", "--overwrite", "true", "--model.init_args.lr", "0.01")
+    fit(tmp_path, "--run_name", "r", "--overwrite", "--model.init_args.lr", "0.01")
     second = hashes(tmp_path / "r")
     assert set(second) >= {"config.yaml", "results.json", "checkpoints/last.ckpt", "logs/metrics.csv"}
     assert "checkpoints/last-v1.ckpt" not in second and second["config.yaml"] != first["config.yaml"]
