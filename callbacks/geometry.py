@@ -76,6 +76,8 @@ class GeometryEval(L.Callback):
         self.at_fit_start = at_fit_start
         self.history: list[dict] = []
         self.reference: dict | None = None  # the query features at fit start, for drift metrics
+        self.initial_per_query: dict | None = None  # per-query correctness at fit start (paired comparisons)
+        self.comparison: dict = {}
 
     # -- when ---------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -127,8 +129,10 @@ class GeometryEval(L.Callback):
             self.reference = query  # this is the first evaluation (fit start): the drift metrics' baseline
         values: dict[str, float] | None = None
         if trainer.is_global_zero:
+            per_query: dict = {}
             values = evaluate_features(bank, query, self.metrics, self.settings, novel=novel,
-                                       reference=self.reference)
+                                       reference=self.reference, per_query=per_query)
+            self._compare_with_initial(per_query, epoch)
         values = trainer.strategy.broadcast(values, src=0)
         row = {"epoch": epoch, "step": trainer.global_step, "seconds": round(time.perf_counter() - start, 3),
                "n_bank": len(bank["index"]), "n_query": len(query["index"]), **values}
@@ -143,18 +147,50 @@ class GeometryEval(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(named, step=trainer.global_step)
 
+    def _compare_with_initial(self, per_query: dict, epoch: int) -> None:
+        """Paired comparison of this evaluation with the first (fit start) on the same queries: per accuracy, the
+        difference with its paired bootstrap interval, and the exact McNemar p-value of per-query correctness."""
+        from geometry.stats import PerQuery, mcnemar_p, paired_bootstrap_ci
+
+        # Plain per-query means only (a balanced accuracy is not the mean of its vector).
+        now = {key: value.values.cpu() for key, value in per_query.items() if type(value) is PerQuery}
+        if self.initial_per_query is None or epoch == -1:
+            self.initial_per_query = now
+            return
+        settings, comparison = self.settings, {}
+        for key, values in now.items():
+            before = self.initial_per_query.get(key)
+            if before is None or before.shape != values.shape:
+                continue  # another query set (max_query_size changed on resume): not a paired comparison
+            entry = {"initial": float(before.double().mean()), "final": float(values.double().mean())}
+            entry["diff"] = entry["final"] - entry["initial"]
+            if settings.bootstrap_n > 0:
+                low, high = paired_bootstrap_ci(values, before, n_boot=settings.bootstrap_n,
+                                                level=settings.bootstrap_level, seed=settings.seed)
+                entry["diff_ci_low"], entry["diff_ci_high"] = float(low), float(high)
+            if values.dtype == torch.bool:
+                entry["mcnemar_p"] = mcnemar_p(values, before)
+            comparison[key] = entry
+        self.comparison = {"epoch": epoch, "metrics": comparison}
+
     # -- results.json and resume --------------------------------------------------------------------
     def results_section(self) -> dict:
         rows = sorted(self.history, key=lambda r: r["epoch"])
         skip = {"epoch", "step", "seconds", "n_bank", "n_query"}
         initial = next(({k: v for k, v in r.items() if k not in skip} for r in rows if r["epoch"] == -1), {})
         final = {k: v for k, v in rows[-1].items() if k not in skip} if rows else {}
-        delta = {k: final[k] - initial[k] for k in initial if k in final}
-        return {"geometry": {"history": rows, "initial": initial, "final": final, "delta": delta}}
+        delta = {k: final[k] - initial[k] for k in initial if k in final and not k.endswith(("_ci_low", "_ci_high"))}
+        section = {"history": rows, "initial": initial, "final": final, "delta": delta}
+        if self.comparison:
+            section["initial_vs_final"] = self.comparison
+        return {"geometry": section}
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "reference": self.reference}
+        return {"history": self.history, "reference": self.reference, "initial_per_query": self.initial_per_query,
+                "comparison": self.comparison}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
         self.reference = state_dict.get("reference")
+        self.initial_per_query = state_dict.get("initial_per_query")
+        self.comparison = state_dict.get("comparison", {})

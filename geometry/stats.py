@@ -139,15 +139,6 @@ def paired_bootstrap_ci(a, b, n_boot: int = 1000, level: float = 0.95, seed: int
     return bootstrap_ci(a.double() - b.double(), n_boot=n_boot, level=level, seed=seed)
 
 
-def balanced_accuracy(pred, label) -> float:
-    """Mean per-class recall over the classes present in ``label`` (``sklearn.metrics.balanced_accuracy_score``)."""
-    pred, label = _per_query(pred, "pred"), _per_query(label, "label")
-    classes, inverse = torch.unique(label, return_inverse=True)
-    total = torch.bincount(inverse, minlength=len(classes)).double()
-    right = torch.bincount(inverse, weights=(pred == label).double(), minlength=len(classes))
-    return float((right / total).mean())
-
-
 def balanced_accuracy_ci(pred, label, n_boot: int = 1000, level: float = 0.95,
                          seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the balanced accuracy, from per-class counts of each resample.
@@ -192,3 +183,62 @@ def mcnemar_p(correct_a, correct_b) -> float:
     k = torch.arange(min(b, c) + 1, dtype=torch.float64)
     log_pmf = math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1) - n * math.log(2.0)
     return min(1.0, 2.0 * math.exp(float(torch.logsumexp(log_pmf, dim=0))))
+
+
+class PerQuery:
+    """A metric value that is the mean of a per-query vector (0/1 correctness or a score).
+
+    Metrics return it instead of a float when the suite should attach an interval: ``evaluate_features`` reports
+    the mean, and with ``settings.bootstrap_n > 0`` the percentile bootstrap interval as ``<key>_ci_low`` /
+    ``<key>_ci_high``; the vector itself serves paired comparisons (McNemar, paired bootstrap).
+    """
+
+    def __init__(self, values):
+        self.values = _per_query(values, "values")
+
+    def __float__(self) -> float:
+        return float(self.values.double().mean())
+
+    def interval(self, n_boot: int, level: float, seed: int) -> tuple[float, float]:
+        low, high = bootstrap_ci(self.values, n_boot=n_boot, level=level, seed=seed)
+        return float(low), float(high)
+
+
+class BalancedAccuracy(PerQuery):
+    """Balanced accuracy (mean per-class recall) of per-query predictions; its interval resamples the queries."""
+
+    def __init__(self, pred, label):
+        pred, label = _per_query(pred, "pred"), _per_query(label, "label")
+        super().__init__((pred == label).double())
+        self.pred, self.label = pred, label
+
+    def __float__(self) -> float:
+        from geometry.classification import balanced_accuracy
+
+        return balanced_accuracy(self.pred, self.label)
+
+    def interval(self, n_boot: int, level: float, seed: int) -> tuple[float, float]:
+        low, high = balanced_accuracy_ci(self.pred, self.label, n_boot=n_boot, level=level, seed=seed)
+        return float(low), float(high)
+
+
+def with_intervals(values: dict, n_boot: int, level: float, seed: int) -> dict[str, float]:
+    """Floats of ``values``; every :class:`PerQuery` also gives ``<key>_ci_low`` / ``<key>_ci_high`` (B > 0).
+
+    Plain means over the same queries share one set of resamples (one bootstrap of an (N, K) matrix).
+    """
+    out = {key: float(value) for key, value in values.items()}
+    if n_boot <= 0:
+        return out
+    plain: dict[int, list[str]] = {}
+    for key, value in values.items():
+        if type(value) is PerQuery:
+            plain.setdefault(len(value.values), []).append(key)
+        elif isinstance(value, PerQuery):
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = value.interval(n_boot, level, seed)
+    for keys in plain.values():
+        columns = torch.stack([values[key].values.double() for key in keys], dim=1)
+        low, high = bootstrap_ci(columns, n_boot=n_boot, level=level, seed=seed)
+        for j, key in enumerate(keys):
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = float(low[j]), float(high[j])
+    return out

@@ -8,8 +8,8 @@ import torch
 from scipy.stats import binomtest
 from sklearn.metrics import balanced_accuracy_score
 
+from geometry.classification import balanced_accuracy
 from geometry.stats import (
-    balanced_accuracy,
     balanced_accuracy_ci,
     bootstrap_ci,
     bootstrap_indices,
