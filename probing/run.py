@@ -80,6 +80,8 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
     for dataset in datasets:
         dataset.datamodule_class()  # a missing dataset module fails now, before any extraction
     pairs = check_pairs(cfg.synthetic_vs_real, [d.label for d in datasets])
+    if cfg.compare:
+        compare_pairs(cfg.compare, [b.id for b in backbones])  # a bad pair fails now, before any extraction
     cfg.precision = normalise_precision(cfg.precision)
 
     is_rank_zero = rank_zero_only.rank == 0
@@ -120,7 +122,13 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
     if not is_rank_zero:
         return {}
 
-    rows, cka_section = evaluate(features, metrics, block_metrics, settings, cfg.cka_debiased)
+    per_query: dict = {}
+    rows, cka_section = evaluate(features, metrics, block_metrics, settings, cfg.cka_debiased, per_query)
+    if cfg.compare:
+        from probing.evaluate import paired_comparisons
+
+        rows += paired_comparisons(per_query, features, compare_pairs(cfg.compare, [b.id for b in backbones]),
+                                   settings)
     cka_section["split"] = query_splits
     comparisons, tables = [], []
     if pairs:
@@ -137,6 +145,18 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
                   plot_paths, [b.id for b in backbones], extraction_seconds, started)
 
 
+
+
+def compare_pairs(compare: list[list[str]], backbones: list[str]) -> list[tuple[str, str]]:
+    """``--compare`` as (a, b) pairs of backbone labels; ``[[all]]``: every backbone against the first."""
+    if compare == [["all"]]:
+        return [(other, backbones[0]) for other in backbones[1:]]
+    pairs = []
+    for pair in compare:
+        if len(pair) != 2 or any(name not in backbones for name in pair):
+            raise ValueError(f"--compare takes pairs of backbone labels among {backbones} (or [[all]]), got {pair}")
+        pairs.append((pair[0], pair[1]))
+    return pairs
 
 
 def check_pairs(pairs: list[dict[str, str]] | None, labels: list[str]) -> list[tuple[str, str]]:
