@@ -2,7 +2,6 @@
 the fake two-process all-reduce."""
 
 import math
-import threading
 import types
 import warnings
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from helpers.thread_comm import run_ranks
 
 from geometry.quality import (
     alignment,
@@ -238,39 +238,16 @@ def test_float32_offset_features_keep_their_precision():
 
 
 # -- across processes: a fake all-reduce over threads ---------------------------------------------------
-class ThreadComm:
-    """``all_reduce`` summing over ``world`` threads, each calling with its own rank's tensor."""
-
-    def __init__(self, world: int = 2):
-        self.barrier = threading.Barrier(world)
-        self.slots = [None] * world
-
-    def rank(self, index: int):
-        def all_reduce(tensor):
-            self.slots[index] = tensor.clone()
-            self.barrier.wait()
-            total = sum(self.slots[1:], self.slots[0].clone())
-            self.barrier.wait()
-            return total
-
-        return types.SimpleNamespace(all_reduce=all_reduce)
-
-
 def run_two_halves(fn, x, labels=None, split=170):
-    comm, results = ThreadComm(2), [None, None]
     parts = [slice(0, split), slice(split, None)]
 
-    def work(rank):
+    def work(rank, comm):
         args = (x[parts[rank]],) if labels is None else (x[parts[rank]], labels[parts[rank]])
-        results[rank] = fn(*args, comm=comm.rank(rank))
+        return fn(*args, comm=comm)
 
-    threads = [threading.Thread(target=work, args=(rank,)) for rank in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert results[0] == results[1]
-    return results[0]
+    first, second = run_ranks(work)
+    assert first == second
+    return first
 
 
 @pytest.mark.parametrize("name", ["rankme", "rankme_variance", "alpha_req"])
