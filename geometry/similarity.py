@@ -193,11 +193,15 @@ def centred_products(x, y, *, full: bool = True, chunk_size: int | None = None, 
     return {key: _reduce(value, comm) for key, value in out.items()}
 
 
+def _procrustes_from(products: dict[str, Tensor]) -> float:
+    nuclear = float(torch.linalg.svdvals(products["xy"]).sum())
+    xx, yy = products["xx"], products["yy"]
+    return _ratio(nuclear, float(xx.trace() if xx.ndim else xx), float(yy.trace() if yy.ndim else yy))
+
+
 def procrustes_similarity(x, y, *, chunk_size: int | None = None, comm=None) -> float:
     """``||Xc^T Yc||_* / (||Xc||_F ||Yc||_F)`` in [0, 1]: 1 when y is an orthogonal map of x up to scale."""
-    products = centred_products(x, y, full=False, chunk_size=chunk_size, comm=comm)
-    nuclear = float(torch.linalg.svdvals(products["xy"]).sum())
-    return _ratio(nuclear, float(products["xx"]), float(products["yy"]))
+    return _procrustes_from(centred_products(x, y, full=False, chunk_size=chunk_size, comm=comm))
 
 
 def procrustes_distance(x, y, *, chunk_size: int | None = None, comm=None) -> float:
@@ -226,13 +230,16 @@ def canonical_correlations(white_x: Tensor, white_y: Tensor, cross: Tensor) -> t
     return rho.clamp(0.0, 1.0), u, vh.T
 
 
-def svcca(x, y, keep: float = 0.99, *, chunk_size: int | None = None, comm=None) -> float:
-    """SVCCA (Raghu et al. 2017): keep each side's top principal directions explaining ``keep`` of its variance,
-    then the mean canonical correlation between the two reduced representations."""
-    products = centred_products(x, y, chunk_size=chunk_size, comm=comm)
+def _svcca_from(products: dict[str, Tensor], keep: float) -> float:
     rho, _, _ = canonical_correlations(whitener(products["xx"], keep), whitener(products["yy"], keep),
                                        products["xy"])
     return float(rho.mean())
+
+
+def svcca(x, y, keep: float = 0.99, *, chunk_size: int | None = None, comm=None) -> float:
+    """SVCCA (Raghu et al. 2017): keep each side's top principal directions explaining ``keep`` of its variance,
+    then the mean canonical correlation between the two reduced representations."""
+    return _svcca_from(centred_products(x, y, chunk_size=chunk_size, comm=comm), keep)
 
 
 def pwcca_weights(loadings: Tensor, directions: Tensor) -> Tensor:
@@ -242,11 +249,7 @@ def pwcca_weights(loadings: Tensor, directions: Tensor) -> Tensor:
     return weights / weights.sum()
 
 
-def pwcca(x, y, *, chunk_size: int | None = None, comm=None) -> float:
-    """PWCCA (Morcos et al. 2018): ``sum_i alpha_i rho_i`` over the canonical correlations rho_i, weighted by how
-    much of the representation each canonical variate accounts for. As google/svcca's ``pwcca.py`` the
-    weights come from the side with fewer (non-degenerate) directions, x on a tie; so pwcca is not symmetric."""
-    products = centred_products(x, y, chunk_size=chunk_size, comm=comm)
+def _pwcca_from(products: dict[str, Tensor]) -> float:
     white_x, white_y = whitener(products["xx"]), whitener(products["yy"])
     rho, u, v = canonical_correlations(white_x, white_y, products["xy"])
     if white_x.shape[1] <= white_y.shape[1]:
@@ -254,6 +257,13 @@ def pwcca(x, y, *, chunk_size: int | None = None, comm=None) -> float:
     else:
         weights = pwcca_weights(products["yy"] @ white_y, v)
     return float((weights * rho).sum())
+
+
+def pwcca(x, y, *, chunk_size: int | None = None, comm=None) -> float:
+    """PWCCA (Morcos et al. 2018): ``sum_i alpha_i rho_i`` over the canonical correlations rho_i, weighted by how
+    much of the representation each canonical variate accounts for. As google/svcca's ``pwcca.py`` the
+    weights come from the side with fewer (non-degenerate) directions, x on a tie; so pwcca is not symmetric."""
+    return _pwcca_from(centred_products(x, y, chunk_size=chunk_size, comm=comm))
 
 
 # -- RSA --------------------------------------------------------------------------------------------------------
@@ -320,10 +330,12 @@ def similarity_to_reference(bank, query, settings, *, reference) -> dict[str, fl
     k = min(int(settings.similarity_k), x.shape[0] - 1)
     vx, ix = nearest_neighbours(x, k)
     vy, iy = nearest_neighbours(y, k)
+    products = centred_products(x, y)  # one streamed pass for Procrustes, SVCCA and PWCCA
     out = {"mutual_knn_vs_initial": mutual_knn_from_neighbours(ix, iy),
            "cknna_vs_initial": cknna_from_neighbours(vx, ix, vy, iy),
-           "procrustes_vs_initial": procrustes_distance(x, y), "cka_vs_initial": linear_cka(x, y),
-           "svcca_vs_initial": svcca(x, y), "pwcca_vs_initial": pwcca(x, y)}
+           "procrustes_vs_initial": max(0.0, 2.0 - 2.0 * _procrustes_from(products)),
+           "cka_vs_initial": linear_cka(x, y), "svcca_vs_initial": _svcca_from(products, 0.99),
+           "pwcca_vs_initial": _pwcca_from(products)}
     if x.shape[0] <= RSA_MAX_SAMPLES:
         out["rsa_vs_initial"] = rsa(x, y)
     return out

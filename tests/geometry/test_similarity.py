@@ -306,6 +306,10 @@ def test_similarity_to_reference_adapter():
     assert all(isinstance(v, float) for v in out.values())
     assert out["mutual_knn_vs_initial"] == mutual_knn_np(x, y, 5)
     assert out["procrustes_vs_initial"] == pytest.approx(procrustes_np(x, y), abs=1e-5)
+    ref_t, query_t = reference["embedding"], query["embedding"]
+    for key, fn in (("svcca", svcca), ("pwcca", pwcca), ("cka", linear_cka), ("cknna", cknna), ("rsa", rsa)):
+        expected = fn(ref_t, query_t, k=5) if key == "cknna" else fn(ref_t, query_t)
+        assert out[f"{key}_vs_initial"] == pytest.approx(expected, abs=1e-6), key
     same = similarity_to_reference(reference, reference, settings, reference=reference)
     assert same["procrustes_vs_initial"] == pytest.approx(0.0, abs=1e-5) and same["mutual_knn_vs_initial"] == 1.0
     with pytest.raises(ValueError, match="same samples"):
