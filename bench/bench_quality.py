@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from bench.common import Result, count, load_average, peak_rss, timed, timed_pair
-from geometry.calibration import _permutations, calibrated
+from geometry.calibration import calibrated, seeded_permutations
 from geometry.cka import linear_cka
 from geometry.common import rows_per_chunk, unit_rows
 from geometry.quality import entropy_rank, rankme
@@ -148,7 +148,7 @@ def bench_mutual_knn(size: dict, device: str) -> Result:
 
 # -- (c) calibrated linear CKA vs recomputing it ------------------------------------------------------
 def recomputed_calibration(x: torch.Tensor, y: torch.Tensor, n_permutations: int) -> dict:
-    null = [linear_cka(x, y[perm]) for perm in _permutations(x.shape[0], n_permutations, 0, x.device)]
+    null = [linear_cka(x, y[perm]) for perm in seeded_permutations(x.shape[0], n_permutations, 0, x.device)]
     return calibrated(linear_cka(x, y), null)
 
 

@@ -158,7 +158,8 @@ def permutation_scorer(similarity: str | Callable, x, y, **kwargs) -> Scorer:
     raise ValueError(f"unknown similarity {similarity!r}: pass a function (x, y) -> float or one of {SIMILARITIES}")
 
 
-def _permutations(n: int, count: int, seed: int, device: torch.device):
+def seeded_permutations(n: int, count: int, seed: int, device: torch.device):
+    """The ``count`` row permutations every null with this ``seed`` uses (drawn on the CPU, then moved)."""
     generator = torch.Generator().manual_seed(seed)
     for _ in range(count):
         yield torch.randperm(n, generator=generator).to(device)
@@ -173,7 +174,7 @@ def calibrate(similarity: str | Callable, x, y, n_permutations: int = 200, seed:
         raise ValueError(f"n_permutations must be positive, got {n_permutations}")
     x = as_features(x, "x")
     scorer = permutation_scorer(similarity, x, y, **kwargs)
-    null = [scorer(perm) for perm in _permutations(x.shape[0], n_permutations, seed, x.device)]
+    null = [scorer(perm) for perm in seeded_permutations(x.shape[0], n_permutations, seed, x.device)]
     return calibrated(scorer(None), null, score_max)
 
 
@@ -196,7 +197,7 @@ def calibrate_layers(similarity: str | Callable, xs: Sequence, ys: Sequence, n_p
         for b, y in enumerate(ys):
             scorer = permutation_scorer(similarity, x, y, **kwargs)
             scores[a][b] = scorer(None)
-            for draw, perm in enumerate(_permutations(n, n_permutations, seed, device)):
+            for draw, perm in enumerate(seeded_permutations(n, n_permutations, seed, device)):
                 null[draw] = max(null[draw], scorer(perm))
     out = calibrated(max(max(row) for row in scores), null, score_max)
     per_pair = [[calibrated(s, null, score_max) for s in row] for row in scores]
