@@ -174,7 +174,10 @@ def rankme(x, variant: str = "singular", *, eps: float = ENTROPY_EPS, chunk_size
     """
     if variant not in RANKME_VARIANTS:
         raise ValueError(f"variant must be one of {RANKME_VARIANTS}, got {variant!r}")
-    stats = moments(x, chunk_size=chunk_size, comm=comm)
+    return _rankme_from(moments(x, chunk_size=chunk_size, comm=comm), variant, eps)
+
+
+def _rankme_from(stats: Moments, variant: str = "singular", eps: float = ENTROPY_EPS) -> float:
     keep = int(min(stats.n, stats.gram.shape[0]))
     if variant == "singular":
         values = _descending_eigenvalues(stats.second_moment(), keep).clamp(min=0.0).sqrt()
@@ -192,10 +195,14 @@ def alpha_req(x, fit_range: tuple[int, int] = (11, 100), *, chunk_size: int | No
     is cut at their count, and when fewer than 2 of them fall in it (e.g. D < 12) the fit uses i = 1..count
     instead, with a warning. NaN when fewer than 2 positive eigenvalues exist.
     """
-    low, high = fit_range
-    if not 1 <= low < high:
+    if not 1 <= fit_range[0] < fit_range[1]:
         raise ValueError(f"fit_range must be 1 <= low < high, got {fit_range}")
-    values = _descending_eigenvalues(moments(x, chunk_size=chunk_size, comm=comm).scatter())
+    return _alpha_req_from(moments(x, chunk_size=chunk_size, comm=comm), fit_range)
+
+
+def _alpha_req_from(stats: Moments, fit_range: tuple[int, int] = (11, 100)) -> float:
+    low, high = fit_range
+    values = _descending_eigenvalues(stats.scatter())
     positive = int((values > RANK_RTOL * values[0]).sum()) if values[0] > 0 else 0
     if positive < 2:
         warnings.warn("alpha-ReQ needs at least 2 positive covariance eigenvalues: returning NaN", UserWarning,
@@ -263,7 +270,10 @@ def cdnv(x, labels, *, n_groups: int | None = None, chunk_size: int | None = Non
 
     Classes without samples are left out; needs at least 2 classes. Smaller = more collapsed classes.
     """
-    stats = moments(x, labels, gram=False, n_groups=n_groups, chunk_size=chunk_size, comm=comm)
+    return _cdnv_from(moments(x, labels, gram=False, n_groups=n_groups, chunk_size=chunk_size, comm=comm))
+
+
+def _cdnv_from(stats: Moments) -> float:
     if stats.counts.numel() < 2:
         raise ValueError("CDNV needs samples of at least 2 classes")
     means = stats.group_means()
@@ -282,7 +292,10 @@ def nc1(x, labels, *, n_groups: int | None = None, chunk_size: int | None = None
     the largest count as zero). Papyan's code keeps the top C - 1 eigenvalues of S_B instead, the same when
     classes are balanced (S_B then has rank C - 1). Classes without samples are left out.
     """
-    stats = moments(x, labels, n_groups=n_groups, chunk_size=chunk_size, comm=comm)
+    return _nc1_from(moments(x, labels, n_groups=n_groups, chunk_size=chunk_size, comm=comm))
+
+
+def _nc1_from(stats: Moments) -> float:
     n_classes = stats.counts.numel()
     if n_classes < 2:
         raise ValueError("NC1 needs samples of at least 2 classes")
@@ -303,7 +316,10 @@ def lidar(x, groups, *, delta: float = 1e-6, eps: float = ENTROPY_EPS, n_groups:
     that is the paper's 1/(n(q-1)). reptrix's ``lidar.py`` drops these factors, which changes only how much
     delta weighs. Memory holds a (groups x D) table of group sums besides the D x D statistics.
     """
-    stats = moments(x, groups, n_groups=n_groups, chunk_size=chunk_size, comm=comm)
+    return _lidar_from(moments(x, groups, n_groups=n_groups, chunk_size=chunk_size, comm=comm), delta, eps)
+
+
+def _lidar_from(stats: Moments, delta: float = 1e-6, eps: float = ENTROPY_EPS) -> float:
     n_used = stats.counts.numel()
     if n_used < 2 or stats.n <= n_used:
         raise ValueError("LiDAR needs at least 2 groups and more samples than groups")
@@ -321,17 +337,19 @@ def lidar(x, groups, *, delta: float = 1e-6, eps: float = ENTROPY_EPS, n_groups:
 def quality_metrics(bank, query, settings) -> dict[str, float]:
     """Quality of the query embedding: rankme, alpha_req, uniformity (t = ``settings.uniformity_t``) and, with
     single labels, cdnv, nc1 and lidar (classes as LiDAR's groups); multi-label sets omit those three.
-    Uniformity above 20k queries is estimated on a ``settings.seed`` subsample (see ``uniformity``)."""
+    All but uniformity come from one streamed pass. Uniformity above 20k queries is estimated on a
+    ``settings.seed`` subsample (see ``uniformity``)."""
     embedding = query["embedding"]
-    out = {"rankme": rankme(embedding), "alpha_req": alpha_req(embedding),
-           "uniformity": uniformity(embedding, t=settings.uniformity_t, seed=settings.seed)}
     labels = query.get("label")
-    if labels is None or (labels.ndim == 2 and labels.shape[1] > 1):
-        return out
-    _, classes = torch.unique(as_labels(labels, embedding.shape[0]), return_inverse=True)
-    if int(classes.max()) >= 1:
-        out["cdnv"] = cdnv(embedding, classes)
-        out["nc1"] = nc1(embedding, classes)
-        if embedding.shape[0] > int(classes.max()) + 1:
-            out["lidar"] = lidar(embedding, classes)
+    single = labels is not None and not (labels.ndim == 2 and labels.shape[1] > 1)
+    classes = None
+    if single:
+        _, classes = torch.unique(as_labels(labels, embedding.shape[0]), return_inverse=True)
+    stats = moments(embedding, classes)
+    out = {"rankme": _rankme_from(stats), "alpha_req": _alpha_req_from(stats),
+           "uniformity": uniformity(embedding, t=settings.uniformity_t, seed=settings.seed)}
+    if single and stats.counts.numel() >= 2:
+        out["cdnv"], out["nc1"] = _cdnv_from(stats), _nc1_from(stats)
+        if stats.n > stats.counts.numel():
+            out["lidar"] = _lidar_from(stats)
     return out

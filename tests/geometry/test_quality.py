@@ -111,10 +111,11 @@ def test_rankme_rejects_unknown_variant():
 
 
 def test_alpha_req_matches_weighted_least_squares():
-    x = np.random.default_rng(3).standard_normal((2000, 150)) * np.arange(1, 151) ** -0.6  # a power law
-    assert alpha_req(torch.from_numpy(x), chunk_size=500) == pytest.approx(alpha_np(x), abs=1e-5)
+    x = np.random.default_rng(3).standard_normal((1000, 150)) * np.arange(1, 151) ** -0.6  # a power law
+    value = alpha_req(torch.from_numpy(x), chunk_size=300)
+    assert value == pytest.approx(alpha_np(x), abs=1e-5)
     # a power law lambda_i ~ i^-1.2 (std ~ i^-0.6) gives alpha close to 1.2
-    assert alpha_req(torch.from_numpy(x)) == pytest.approx(1.2, abs=0.15)
+    assert value == pytest.approx(1.2, abs=0.15)
 
 
 def test_alpha_req_with_fewer_than_100_features_fits_what_exists():
@@ -283,6 +284,11 @@ def test_quality_metrics_adapter_single_and_multi_label():
     assert set(out) == {"rankme", "alpha_req", "uniformity", "cdnv", "nc1", "lidar"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in out.values())
     assert out["cdnv"] == pytest.approx(cdnv_np(x, labels), rel=1e-4)
+    embedding, classes = query["embedding"], torch.from_numpy(labels)  # ids 0..4 in the same order as +10
+    for key, fn in (("rankme", rankme), ("alpha_req", alpha_req), ("uniformity", uniformity)):
+        assert out[key] == pytest.approx(fn(embedding), rel=1e-6), key
+    for key, fn in (("nc1", nc1), ("lidar", lidar)):
+        assert out[key] == pytest.approx(fn(embedding, classes), rel=1e-6), key
     multi = dict(query, label=torch.randint(0, 2, (300, 4)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

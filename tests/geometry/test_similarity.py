@@ -254,16 +254,16 @@ def test_a_rotated_copy_is_calibrated_to_one():
 
 def test_independent_representations_calibrate_to_zero_with_uniform_p_values():
     p_values, scores = [], []
-    for seed in range(30):
+    for seed in range(20):
         rng = np.random.default_rng(100 + seed)
-        x, y = torch.from_numpy(rng.standard_normal((40, 5))), torch.from_numpy(rng.standard_normal((40, 4)))
-        out = calibrate("linear_cka", x, y, n_permutations=99, seed=seed)
+        x, y = torch.from_numpy(rng.standard_normal((30, 5))), torch.from_numpy(rng.standard_normal((30, 4)))
+        out = calibrate("linear_cka", x, y, n_permutations=49, seed=seed)
         p_values.append(out["p_value"])
         scores.append(out["calibrated"])
-    # a loose KS check: 30 p-values from a uniform null; D_30 > 0.3 has probability ~ 0.007
-    assert scipy.stats.kstest(p_values, "uniform").statistic < 0.3
-    assert sum(p < 0.05 for p in p_values) <= 5
-    assert sum(score == 0.0 for score in scores) >= 25 and max(scores) < 0.3
+    # a loose KS check: 20 p-values from a uniform null; D_20 > 0.35 has probability ~ 0.01
+    assert scipy.stats.kstest(p_values, "uniform").statistic < 0.35
+    assert sum(p <= 0.05 for p in p_values) <= 4
+    assert sum(score == 0.0 for score in scores) >= 16 and max(scores) < 0.3
 
 
 def test_calibrate_layers_takes_the_max_over_pairs_for_score_and_null():
