@@ -39,6 +39,8 @@ BUILTIN_METRICS: dict[str, str] = {
     "lowshot": "geometry.lowshot:lowshot_metrics",
     "shift": "geometry.shift:shift_metrics",
     "oddoneout": "geometry.alignment:oddoneout_metrics",
+    "quality": "geometry.quality:quality_metrics",
+    "similarity": "geometry.similarity:similarity_to_reference",
 }
 
 #: The metrics a GeometryEval / probe.py run computes when the user names none.

@@ -13,11 +13,11 @@ from geometry.classification import (
     multilabel_accuracy,
     multilabel_macro_auc,
     per_class_accuracy,
-    per_class_results,
     per_label_auc,
 )
 from geometry.knn import knn_class_scores, knn_metrics, knn_multilabel_scores, knn_predict, knn_topk_accuracy
 from geometry.linear_probe import linear_metrics, linear_probe, multilabel_linear_probe
+from geometry.per_class import per_class_results
 from geometry.suite import MetricSettings
 
 
