@@ -307,5 +307,6 @@ def knn_metrics(bank, query, settings) -> dict[str, float]:
         bank["embedding"].float(), bank["label"], query["embedding"].float(), query["label"], ks, settings.knn_topk,
         settings.knn_temperature, "cosine", None)
     out = {f"knn_top{t}@{k}": PerQuery(hit) for t in settings.knn_topk for k, hit in hits[t].items()}
-    out.update({f"knn_balanced@{k}": BalancedAccuracy(predictions[k], query["label"]) for k in ks})
+    label = query["label"].to(predictions[ks[0]].device)  # one tensor: the intervals share their resamples
+    out.update({f"knn_balanced@{k}": BalancedAccuracy(predictions[k], label) for k in ks})
     return out

@@ -139,27 +139,33 @@ def paired_bootstrap_ci(a, b, n_boot: int = 1000, level: float = 0.95, seed: int
     return bootstrap_ci(a.double() - b.double(), n_boot=n_boot, level=level, seed=seed)
 
 
-def balanced_accuracy_ci(pred, label, n_boot: int = 1000, level: float = 0.95,
-                         seed: int = 0) -> tuple[float, float]:
+def balanced_accuracy_ci(pred, label, n_boot: int = 1000, level: float = 0.95, seed: int = 0):
     """Percentile bootstrap interval of the balanced accuracy, from per-class counts of each resample.
 
-    A class absent from a resample does not enter that resample's mean (as in scikit-learn, which averages
-    over the classes present in ``y_true``).
+    ``pred`` may be (N, K): K predictions of the same queries (kNN at several k) share the resamples, and the
+    result is two (K,) tensors. A class absent from a resample does not enter that resample's mean (as in
+    scikit-learn, which averages over the classes present in ``y_true``).
     """
-    pred, label = _per_query(pred, "pred"), _per_query(label, "label")
+    pred, label = _per_query(pred, "pred", columns=True), _per_query(label, "label")
+    if pred.shape[0] != label.shape[0]:
+        raise ValueError(f"pred and label differ in length: {pred.shape[0]} vs {label.shape[0]}")
     _, inverse = torch.unique(label, return_inverse=True)
     n_classes = int(inverse.max()) + 1
+    columns = pred.ndim == 2
 
     def resampled_balanced_accuracy(correct: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        # correct: (rows, N, K) 0/1, cls: (rows, N) class positions of the resampled queries
         total = torch.zeros(cls.shape[0], n_classes, dtype=torch.float64, device=cls.device)
-        right = torch.zeros_like(total)
-        total.scatter_add_(1, cls, torch.ones_like(correct))
-        right.scatter_add_(1, cls, correct)
+        total.scatter_add_(1, cls, torch.ones_like(cls, dtype=torch.float64))
+        right = torch.zeros(cls.shape[0], n_classes, correct.shape[2], dtype=torch.float64, device=cls.device)
+        right.scatter_add_(1, cls.unsqueeze(2).expand_as(correct), correct)
         present = total > 0
-        recall = torch.where(present, right / total.clamp_min(1.0), torch.zeros_like(total))
-        return recall.sum(dim=1) / present.sum(dim=1)
+        recall = right / total.clamp_min(1.0).unsqueeze(2)  # absent classes: 0 / 1 = 0, left out below
+        values = recall.sum(dim=1) / present.sum(dim=1, keepdim=True)
+        return values if columns else values[:, 0]
 
-    correct = (pred == label).double()
+    correct = (pred == (label.unsqueeze(1) if columns else label)).double()
+    correct = correct if columns else correct.unsqueeze(1)
     return bootstrap_ci_stat(resampled_balanced_accuracy, correct, inverse, n_boot=n_boot, level=level, seed=seed)
 
 
@@ -231,14 +237,22 @@ def with_intervals(values: dict, n_boot: int, level: float, seed: int) -> dict[s
     if n_boot <= 0:
         return out
     plain: dict[int, list[str]] = {}
+    balanced: dict[int, list[str]] = {}  # by the identity of the label tensor they share
     for key, value in values.items():
         if type(value) is PerQuery:
             plain.setdefault(len(value.values), []).append(key)
+        elif isinstance(value, BalancedAccuracy):
+            balanced.setdefault(id(value.label), []).append(key)
         elif isinstance(value, PerQuery):
             out[f"{key}_ci_low"], out[f"{key}_ci_high"] = value.interval(n_boot, level, seed)
     for keys in plain.values():
         columns = torch.stack([values[key].values.double() for key in keys], dim=1)
         low, high = bootstrap_ci(columns, n_boot=n_boot, level=level, seed=seed)
+        for j, key in enumerate(keys):
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = float(low[j]), float(high[j])
+    for keys in balanced.values():
+        pred = torch.stack([values[key].pred for key in keys], dim=1)
+        low, high = balanced_accuracy_ci(pred, values[keys[0]].label, n_boot=n_boot, level=level, seed=seed)
         for j, key in enumerate(keys):
             out[f"{key}_ci_low"], out[f"{key}_ci_high"] = float(low[j]), float(high[j])
     return out

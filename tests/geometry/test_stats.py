@@ -137,3 +137,14 @@ def test_inputs_are_checked():
         bootstrap_ci(torch.ones(0))
     with pytest.raises(ValueError, match="1-D"):
         mcnemar_p(torch.ones(3, 2), torch.ones(3, 2))
+
+
+def test_balanced_accuracy_intervals_of_several_predictions_share_resamples():
+    g = torch.Generator().manual_seed(8)
+    label = torch.randint(0, 4, (300,), generator=g)
+    preds = torch.stack([torch.where(torch.rand(300, generator=g) < p, label, torch.randint(0, 4, (300,), generator=g))
+                         for p in (0.3, 0.6, 0.9)], dim=1)
+    low, high = balanced_accuracy_ci(preds, label, n_boot=300, seed=4)
+    for j in range(3):
+        one = balanced_accuracy_ci(preds[:, j], label, n_boot=300, seed=4)
+        assert (float(low[j]), float(high[j])) == pytest.approx(tuple(float(v) for v in one), abs=1e-12)
