@@ -2,7 +2,9 @@
 
 At fit start a frozen copy of the backbone is kept. Every N epochs (and at fit end) both run on the same
 fixed, seeded sample of query images; linear CKA between the current and the initial block outputs is
-logged per block (``cka/block_<i>``). At the end two heatmaps are drawn: blocks x evaluations, and the
+logged per block (``cka/block_<i>``), and every other similarity listed in ``similarities`` (mutual kNN,
+CKNNA, Procrustes, RSA, SVCCA, PWCCA: ``geometry.calibration.SIMILARITIES``) as ``<name>/block_<i>``. At the end
+two heatmaps are drawn: blocks x evaluations, and the
 final current-layer x initial-layer CKA matrix (the seed 001 thesis observed that only early blocks stay
 similar under partial freezing).
 """
@@ -28,10 +30,20 @@ class LayerCKA(L.Callback):
             so memory grows with samples x block width, not samples squared.
         debiased: Use the debiased HSIC estimator (less biased for few samples, wide features).
         seed: Seed of the image subset.
+        similarities: Similarities measured per block: ``linear_cka`` and any of ``mutual_knn``, ``cknna``,
+            ``procrustes`` (nuclear-norm similarity), ``rsa``, ``svcca``, ``pwcca``.
+        similarity_k: Neighbours of mutual kNN and CKNNA.
     """
 
-    def __init__(self, every_n_epochs: int = 1, max_samples: int = 512, debiased: bool = False, seed: int = 0):
+    def __init__(self, every_n_epochs: int = 1, max_samples: int = 512, debiased: bool = False, seed: int = 0,
+                 similarities: list[str] = ("linear_cka",), similarity_k: int = 10):
+        from geometry.calibration import SIMILARITIES
+
+        unknown = sorted(set(similarities) - set(SIMILARITIES))
+        if unknown:
+            raise ValueError(f"LayerCKA: unknown similarities {unknown}; choose from {list(SIMILARITIES)}")
         self.every_n_epochs, self.max_samples, self.debiased, self.seed = every_n_epochs, max_samples, debiased, seed
+        self.similarities, self.similarity_k = tuple(similarities), similarity_k
         self.history: list[dict] = []
         self.initial: torch.nn.Module | None = None
         self.final_matrix: list[list[float]] | None = None
@@ -53,23 +65,32 @@ class LayerCKA(L.Callback):
 
         features = self._features(trainer, pl_module)
         n_blocks = sum(key.startswith("now") for key in features)
-        values = matrix = None
+        values = matrix = others = None
         if trainer.is_global_zero:
             values = [linear_cka(features[f"now{i}"], features[f"initial{i}"], debiased=self.debiased)
                       for i in range(n_blocks)]
+            others = {name: [self._similarity(name, features[f"now{i}"], features[f"initial{i}"])
+                             for i in range(n_blocks)] for name in self.similarities if name != "linear_cka"}
             if full:
                 matrix = linear_cka_matrix([features[f"now{i}"] for i in range(n_blocks)],
                                            [features[f"initial{j}"] for j in range(n_blocks)], debiased=self.debiased)
-        values, matrix = trainer.strategy.broadcast((values, matrix), src=0)
-        self.history = [r for r in self.history if r["epoch"] != epoch] + [{"epoch": epoch, "cka": values}]
+        values, matrix, others = trainer.strategy.broadcast((values, matrix, others), src=0)
+        self.history = [r for r in self.history if r["epoch"] != epoch] + [{"epoch": epoch, "cka": values, **others}]
         if matrix is not None:
             self.final_matrix = matrix
         named = {f"cka/block_{i}": v for i, v in enumerate(values)}
+        named.update({f"{name}/block_{i}": v for name, per_block in others.items() for i, v in enumerate(per_block)})
         for name, value in named.items():
             trainer.callback_metrics[name] = torch.tensor(value)
         for logger in trainer.loggers:
             logger.log_metrics(named, step=trainer.global_step)
         return values
+
+    def _similarity(self, name: str, x: torch.Tensor, y: torch.Tensor) -> float:
+        from geometry.calibration import permutation_scorer
+
+        kwargs = {"k": min(self.similarity_k, len(x) - 1)} if name in ("mutual_knn", "cknna") else {}
+        return permutation_scorer(name, x, y, **kwargs)(None)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:

@@ -26,7 +26,14 @@ from features.extract import (
     gather_by_index,
     trainer_shard_loader,
 )
-from geometry.suite import DEFAULT_METRICS, MetricSettings, check_metrics, evaluate_features, metric_keywords
+from geometry.suite import (
+    DEFAULT_METRICS,
+    DRIFT_METRICS,
+    MetricSettings,
+    check_metrics,
+    evaluate_features,
+    metric_keywords,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +57,22 @@ class GeometryEval(L.Callback):
         bank_dtype: ``float32`` or ``float16`` storage of gathered features (halves memory).
         memory_budget_gb: Stop with advice when bank + queries would need more than this; None: no check.
         at_fit_start: Measure before the first training step (the "initial" row).
+        collapse_fraction: With the ``quality`` metric: warn (log and ``results.json``) when RankMe falls below this
+            fraction of its fit-start value, a sign of dimensional collapse (DIET's random-class head can cause
+            it); None: never.
     """
 
     def __init__(
         self,
         every_n_epochs: int = 1,
-        metrics: list[str] = DEFAULT_METRICS,
+        metrics: list[str] = (*DEFAULT_METRICS, *DRIFT_METRICS),
         settings: MetricSettings | None = None,
         max_bank_size: int | None = None,
         max_query_size: int | None = None,
         bank_dtype: str = "float32",
         memory_budget_gb: float | None = None,
         at_fit_start: bool = True,
+        collapse_fraction: float | None = 0.5,
     ):
         if bank_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"bank_dtype must be float32, float16 or bfloat16, got {bank_dtype!r}")
@@ -74,6 +85,8 @@ class GeometryEval(L.Callback):
         self.bank_dtype = getattr(torch, bank_dtype)
         self.memory_budget_gb = memory_budget_gb
         self.at_fit_start = at_fit_start
+        self.collapse_fraction = collapse_fraction
+        self.collapse_warnings: list[dict] = []
         self.history: list[dict] = []
         self.reference: dict | None = None  # the query features at fit start, for drift metrics
         self.initial_per_query: dict | None = None  # per-query correctness at fit start (paired comparisons)
@@ -134,6 +147,7 @@ class GeometryEval(L.Callback):
                                        reference=self.reference, per_query=per_query)
             self._compare_with_initial(per_query, epoch)
         values = trainer.strategy.broadcast(values, src=0)
+        self._check_collapse(values, epoch)
         row = {"epoch": epoch, "step": trainer.global_step, "seconds": round(time.perf_counter() - start, 3),
                "n_bank": len(bank["index"]), "n_query": len(query["index"]), **values}
         self.history = [r for r in self.history if r["epoch"] != epoch] + [row]
@@ -146,6 +160,18 @@ class GeometryEval(L.Callback):
             trainer.callback_metrics[name] = torch.tensor(value)
         for logger in trainer.loggers:
             logger.log_metrics(named, step=trainer.global_step)
+
+    def _check_collapse(self, values: dict[str, float], epoch: int) -> None:
+        initial = next((r.get("rankme") for r in self.history if r["epoch"] == -1), None)
+        now = values.get("rankme")
+        if self.collapse_fraction is None or epoch == -1 or initial is None or now is None:
+            return
+        if now < self.collapse_fraction * initial:
+            message = (f"RankMe fell to {now:.1f} at epoch {epoch}, below {self.collapse_fraction:g} x its fit-start "
+                       f"value {initial:.1f}: the embedding is collapsing onto fewer dimensions")
+            log.warning(message)
+            self.collapse_warnings = [w for w in self.collapse_warnings if w["epoch"] != epoch] + [
+                {"epoch": epoch, "rankme": now, "initial_rankme": initial, "message": message}]
 
     def _compare_with_initial(self, per_query: dict, epoch: int) -> None:
         """Paired comparison of this evaluation with the first (fit start) on the same queries: per accuracy, the
@@ -183,14 +209,17 @@ class GeometryEval(L.Callback):
         section = {"history": rows, "initial": initial, "final": final, "delta": delta}
         if self.comparison:
             section["initial_vs_final"] = self.comparison
+        if self.collapse_warnings:
+            section["collapse_warnings"] = self.collapse_warnings
         return {"geometry": section}
 
     def state_dict(self) -> dict:
         return {"history": self.history, "reference": self.reference, "initial_per_query": self.initial_per_query,
-                "comparison": self.comparison}
+                "comparison": self.comparison, "collapse_warnings": self.collapse_warnings}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
         self.reference = state_dict.get("reference")
         self.initial_per_query = state_dict.get("initial_per_query")
         self.comparison = state_dict.get("comparison", {})
+        self.collapse_warnings = list(state_dict.get("collapse_warnings", []))

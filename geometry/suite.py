@@ -44,7 +44,9 @@ BUILTIN_METRICS: dict[str, str] = {
 }
 
 #: The metrics a GeometryEval / probe.py run computes when the user names none.
-DEFAULT_METRICS: tuple[str, ...] = ("knn", "kmeans", "linear", "hierarchy")
+DEFAULT_METRICS: tuple[str, ...] = ("knn", "kmeans", "linear", "hierarchy", "quality")
+#: Metrics of how far the embedding moved from fit start (they need ``reference=``): GeometryEval's default too.
+DRIFT_METRICS: tuple[str, ...] = ("similarity",)
 
 
 @dataclass
