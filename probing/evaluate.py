@@ -148,3 +148,57 @@ def paired_comparisons(per_query: dict, features: dict, pairs: list[tuple[str, s
                     rows.append(row(a, dataset, FINAL_LAYER, f"{metric}_mcnemar_p",
                                     mcnemar_p(x.values, y.values), against=b))
     return rows
+
+
+def similarity_matrices(features: dict, names: list[str], settings: MetricSettings, layers: bool) -> tuple[
+        list[dict], dict[str, Any]]:
+    """Calibrated similarity matrices of the query features: backbone x backbone (final embedding) per dataset
+    and, with ``layers``, layer x layer per backbone and dataset, for every registered similarity in ``names``.
+
+    Each entry is scored against ``settings.calibration_permutations`` row permutations (seeded): rows
+    ``<name>_backbones`` / ``<name>_layers`` (the raw score), ``..._calibrated`` and ``..._p`` with ``against`` the
+    other side. Backbone pairs are calibrated pair by pair; a layer x layer matrix against the max over its
+    layer pairs (``geometry.calibration.calibrate_layers``), so its p-values are family-wise.
+    """
+    from geometry.calibration import calibrate, calibrate_layers
+
+    rows: list[dict] = []
+    section: dict[str, Any] = {"permutations": settings.calibration_permutations, "backbones": {}, "layers": {}}
+    kwargs = {"n_permutations": settings.calibration_permutations, "seed": settings.seed}
+    datasets = list(dict.fromkeys(d for per in features.values() for d in per))
+    for name in names:
+        extra = {"k": settings.similarity_k} if name in ("mutual_knn", "cknna") else {}
+        for dataset in datasets:
+            have = [b for b in features if dataset in features[b]]
+            sets = [features[b][dataset]["query"][FINAL_LAYER] for b in have]
+            if len(have) > 1 and all(same_samples(sets[0], other) for other in sets[1:]):
+                entry = {"backbones": have, "scores": [], "calibrated": [], "p_values": []}
+                for i, a in enumerate(have):
+                    cells = [calibrate(name, sets[i]["embedding"].float(), sets[j]["embedding"].float(),
+                                       **kwargs, **extra) for j in range(len(have))]
+                    entry["scores"].append([c["score"] for c in cells])
+                    entry["calibrated"].append([c["calibrated"] for c in cells])
+                    entry["p_values"].append([c["p_value"] for c in cells])
+                    for j, b in enumerate(have):
+                        if i != j:
+                            rows += [row(a, dataset, FINAL_LAYER, f"{name}_backbones{suffix}", cells[j][key], against=b)
+                                     for suffix, key in (("", "score"), ("_calibrated", "calibrated"),
+                                                         ("_p", "p_value"))]
+                section["backbones"].setdefault(name, {})[dataset] = entry
+            for backbone in have if layers else []:
+                per_layer = features[backbone][dataset]["query"]
+                if len(per_layer) < 2:
+                    continue
+                names_ = list(per_layer)
+                xs = [per_layer[layer]["embedding"].float() for layer in names_]
+                result = calibrate_layers(name, xs, xs, **kwargs, **extra)
+                section["layers"].setdefault(name, {}).setdefault(backbone, {})[dataset] = {
+                    "layers": names_, "scores": result["scores"], "calibrated": result["calibrated_scores"],
+                    "p_values": result["p_values"]}
+                for i, a in enumerate(names_):
+                    for j, b in enumerate(names_):
+                        if i != j:
+                            rows += [row(backbone, dataset, a, f"{name}_layers{suffix}", result[key][i][j], against=b)
+                                     for suffix, key in (("", "scores"), ("_calibrated", "calibrated_scores"),
+                                                         ("_p", "p_values"))]
+    return rows, section

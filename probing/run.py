@@ -124,6 +124,13 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
 
     per_query: dict = {}
     rows, cka_section = evaluate(features, metrics, block_metrics, settings, cfg.cka_debiased, per_query)
+    if cfg.similarities:
+        from probing.evaluate import similarity_matrices
+
+        similarity_rows, similarity_section = similarity_matrices(features, cfg.similarities, settings,
+                                                                  layers=cfg.layers != "final")
+        rows += similarity_rows
+        cka_section["similarities"] = similarity_section  # results.json section "cka" holds every similarity matrix
     if cfg.compare:
         from probing.evaluate import paired_comparisons
 

@@ -57,3 +57,24 @@ def test_probe_compare_writes_difference_rows(tmp_path):
         assert rows[(a, f"{metric}_diff_ci_low", b)] <= diff <= rows[(a, f"{metric}_diff_ci_high", b)]
         assert 0 < rows[(a, f"{metric}_mcnemar_p", b)] <= 1
         assert rows[(a, f"{metric}_ci_low", "")] <= rows[(a, metric, "")] <= rows[(a, f"{metric}_ci_high", "")]
+
+
+@pytest.mark.slow
+def test_probe_similarity_matrices_are_calibrated(tmp_path):
+    import json
+
+    result = probe.main(["--name", "sim", "--runs_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache"),
+                         "--backbones", probe_backbones("convnext-tiny", "vit-b16"),
+                         "--datasets", "[{name: digits, init_args: {limit_data: 120}}]", "--metrics", "[knn]",
+                         "--settings.knn_ks", "[5]", "--similarities", "[linear_cka, mutual_knn]",
+                         "--settings.calibration_permutations", "50", "--layers", "[0, 1]",
+                         "--num_workers", "0", "--no_progress", "--no_plots"])
+    rows = {(r["backbone"], r["layer"], r["metric"], r["against"]): r["value"] for r in result["rows"]}
+    a, b = "convnext-tiny@random", "vit-b16@random"
+    score = rows[(a, "final", "mutual_knn_backbones", b)]
+    p_value = rows[(a, "final", "mutual_knn_backbones_p", b)]
+    assert 0 <= score <= 1 and 1 / 51 <= p_value <= 1
+    assert 0 <= rows[(a, "final", "linear_cka_backbones_calibrated", b)] <= 1
+    assert (a, "block00", "linear_cka_layers_p", "block01") in rows
+    section = json.loads(result["results_json"].read_text())["cka"]["similarities"]
+    assert section["permutations"] == 50 and section["backbones"]["linear_cka"]["digits"]["backbones"] == [a, b]
