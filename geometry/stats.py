@@ -231,28 +231,67 @@ class BalancedAccuracy(PerQuery):
 def with_intervals(values: dict, n_boot: int, level: float, seed: int) -> dict[str, float]:
     """Floats of ``values``; every :class:`PerQuery` also gives ``<key>_ci_low`` / ``<key>_ci_high`` (B > 0).
 
-    Plain means over the same queries share one set of resamples (one bootstrap of an (N, K) matrix).
+    All intervals over the same N queries come from ONE set of resamples and one product per chunk: a resample's
+    multiplicities (rows x N) times a matrix holding every plain per-query vector, and for each balanced
+    accuracy's labels a one-hot block and its correctness-weighted copy (per-class totals and hits). Each
+    interval equals the one ``bootstrap_ci`` / ``balanced_accuracy_ci`` give alone with the same seed.
     """
     out = {key: float(value) for key, value in values.items()}
     if n_boot <= 0:
         return out
-    plain: dict[int, list[str]] = {}
-    balanced: dict[int, list[str]] = {}  # by the identity of the label tensor they share
+    _check_level(level, n_boot)
+    groups: dict[int, list[str]] = {}
     for key, value in values.items():
-        if type(value) is PerQuery:
-            plain.setdefault(len(value.values), []).append(key)
-        elif isinstance(value, BalancedAccuracy):
-            balanced.setdefault(id(value.label), []).append(key)
-        elif isinstance(value, PerQuery):
-            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = value.interval(n_boot, level, seed)
-    for keys in plain.values():
-        columns = torch.stack([values[key].values.double() for key in keys], dim=1)
-        low, high = bootstrap_ci(columns, n_boot=n_boot, level=level, seed=seed)
-        for j, key in enumerate(keys):
-            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = float(low[j]), float(high[j])
-    for keys in balanced.values():
-        pred = torch.stack([values[key].pred for key in keys], dim=1)
-        low, high = balanced_accuracy_ci(pred, values[keys[0]].label, n_boot=n_boot, level=level, seed=seed)
-        for j, key in enumerate(keys):
+        if isinstance(value, PerQuery):
+            groups.setdefault(len(value.values), []).append(key)
+    for n, keys in groups.items():
+        plain = [key for key in keys if type(values[key]) is PerQuery]
+        balanced = [key for key in keys if isinstance(values[key], BalancedAccuracy)]
+        others = [key for key in keys if key not in plain and key not in balanced]
+        for key in others:  # PerQuery subclasses of a user's: their own interval
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = values[key].interval(n_boot, level, seed)
+        blocks, layout = [], []  # columns of the product, and how to read each key back
+        device = values[keys[0]].values.device
+        if plain:
+            blocks.append(torch.stack([values[key].values.to(device).double() for key in plain], dim=1))
+            layout.append(("plain", plain, len(plain)))
+        by_label: dict[int, list[str]] = {}
+        for key in balanced:
+            by_label.setdefault(id(values[key].label), []).append(key)
+        for same in by_label.values():
+            _, cls = torch.unique(values[same[0]].label.to(device), return_inverse=True)
+            onehot = torch.nn.functional.one_hot(cls, int(cls.max()) + 1).double()  # (N, C)
+            correct = torch.stack([values[key].values.to(device).double() for key in same], dim=1)  # (N, K)
+            blocks += [onehot, (onehot.unsqueeze(2) * correct.unsqueeze(1)).flatten(1)]
+            layout.append(("balanced", same, onehot.shape[1]))
+        if not blocks:
+            continue
+        columns = torch.cat(blocks, dim=1)
+        # 0/1 columns times integer multiplicities sum to integers <= N: exact in float32 below 2^24, and twice
+        # as fast as float64; per-query scores keep float64.
+        exact32 = n < 2**24 and bool(((columns == 0) | (columns == 1)).all())
+        dtype = torch.float32 if exact32 else torch.float64
+        columns = columns.to(dtype)
+
+        def statistics(index: torch.Tensor, columns=columns, layout=layout, n=n, dtype=dtype) -> torch.Tensor:
+            drawn = torch.zeros(index.shape[0], n, dtype=dtype, device=index.device)
+            drawn.scatter_add_(1, index, torch.ones_like(index, dtype=dtype))
+            sums, parts, at = (drawn @ columns).double(), [], 0
+            for kind, keys_, width in layout:
+                if kind == "plain":
+                    parts.append(sums[:, at:at + width] / n)
+                    at += width
+                    continue
+                total = sums[:, at:at + width]
+                right = sums[:, at + width:at + width + width * len(keys_)].view(-1, width, len(keys_))
+                at += width + width * len(keys_)
+                present = total > 0
+                recall = right / total.clamp_min(1.0).unsqueeze(2)  # absent classes: 0, and not counted
+                parts.append(recall.sum(dim=1) / present.sum(dim=1, keepdim=True))
+            return torch.cat(parts, dim=1)
+
+        low, high = _bootstrap(statistics, n, n_boot, level, seed, device, width=1)
+        ordered = [key for _, keys_, _ in layout for key in keys_]
+        for j, key in enumerate(ordered):
             out[f"{key}_ci_low"], out[f"{key}_ci_high"] = float(low[j]), float(high[j])
     return out
