@@ -154,14 +154,16 @@ def check_pairs(pairs: list[dict[str, str]] | None, labels: list[str]) -> list[t
 
 def draw_plots(out_dir: Path, rows, cka_section, features, modules, pairs, cfg, settings) -> list[Path]:
     from probing import plots
+    from report.figures import map_method
 
     paths = []
     if cfg.embedding_map != "none":
-        method = plots.map_method(cfg.embedding_map)
+        method = map_method(cfg.embedding_map)
         for backbone, per_dataset in features.items():
             for dataset, splits in per_dataset.items():
                 paths.append(plots.embedding_map(out_dir, backbone, dataset, splits, modules[dataset],
-                                                 "query", method, settings.seed))
+                                                 "query", method, settings.seed,
+                                                 split_name=cka_section.get("split", {}).get(dataset)))
             for real, synthetic in pairs:
                 paths.append(plots.synthetic_real_map(
                     out_dir, backbone, real, synthetic, per_dataset[real], per_dataset[synthetic],
