@@ -8,6 +8,11 @@ the one-process numbers. Metrics are computed on rank 0 by ``geometry/`` and bro
 logs the same values. Keys: ``geometry/knn_top1@<k>``, ``geometry/knn_top5@<k>``, ``geometry/kmeans_ari``,
 ``geometry/kmeans_nmi``, ``geometry/linear_probe_acc``, ``geometry/fewshot_<K>shot_acc`` and, with a
 hierarchy, ``geometry/hier_*``.
+
+After each evaluation rank 0 draws ``plots/geometry_curves.png`` (every metric vs epochs trained, the initial
+row at 0) and ``plots/embedding_before_after.png`` (the query set at the first and the latest evaluation side
+by side) from the query features it just extracted: a seeded subset of at most ``max_map_points`` samples is
+kept, so the pictures cost no second extraction.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 import lightning as L
 import torch
 
+from callbacks.plots import geometry_figures
 from features.extract import (
     bytes_needed,
     describe_bytes,
@@ -27,6 +33,7 @@ from features.extract import (
     trainer_shard_loader,
 )
 from geometry.suite import DEFAULT_METRICS, MetricSettings, check_metrics, evaluate_features, metric_keywords
+from report.figures import map_method
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,10 @@ class GeometryEval(L.Callback):
         bank_dtype: ``float32`` or ``float16`` storage of gathered features (halves memory).
         memory_budget_gb: Stop with advice when bank + queries would need more than this; None: no check.
         at_fit_start: Measure before the first training step (the "initial" row).
+        embedding_map: Method of the before / after map: ``auto`` (UMAP when ``umap-learn`` is installed, else
+            PCA), ``pca``, ``umap``, or ``none`` (no map; the curves are still drawn).
+        max_map_points: Query samples drawn in the map (a seeded subset, the same samples before and after).
+        plots: Draw the curves and the map after each evaluation.
     """
 
     def __init__(
@@ -62,6 +73,9 @@ class GeometryEval(L.Callback):
         bank_dtype: str = "float32",
         memory_budget_gb: float | None = None,
         at_fit_start: bool = True,
+        embedding_map: str = "auto",
+        max_map_points: int = 2000,
+        plots: bool = True,
     ):
         if bank_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"bank_dtype must be float32, float16 or bfloat16, got {bank_dtype!r}")
@@ -74,6 +88,9 @@ class GeometryEval(L.Callback):
         self.bank_dtype = getattr(torch, bank_dtype)
         self.memory_budget_gb = memory_budget_gb
         self.at_fit_start = at_fit_start
+        self.map_method = None if embedding_map == "none" else map_method(embedding_map)
+        self.max_map_points, self.plots = max_map_points, plots
+        self.map_features: dict[str, dict | None] = {"initial": None, "latest": None}  # the map's query subset
         self.history: list[dict] = []
         self.reference: dict | None = None  # the query features at fit start, for drift metrics
 
@@ -134,7 +151,36 @@ class GeometryEval(L.Callback):
                "n_bank": len(bank["index"]), "n_query": len(query["index"]), **values}
         self.history = [r for r in self.history if r["epoch"] != epoch] + [row]
         self._log(trainer, values)
+        self._draw(trainer, query, epoch)
         return values
+
+    # -- pictures -----------------------------------------------------------------------------------
+    def _map_subset(self, query: dict) -> dict:
+        """A seeded subset of the query features (by sample index, so the same samples at every evaluation)."""
+        index = query["index"].cpu()
+        keep = torch.arange(len(index))
+        if len(index) > self.max_map_points:
+            order = torch.randperm(len(index), generator=torch.Generator().manual_seed(self.settings.seed))
+            keep = order[: self.max_map_points].sort().values
+        return {k: query[k][keep.to(query[k].device)].detach().float().cpu() if k == "embedding"
+                else query[k][keep.to(query[k].device)].cpu()
+                for k in ("embedding", "label", "index", "superclass") if k in query}
+
+    def _draw(self, trainer: L.Trainer, query: dict, epoch: int) -> None:
+        if not (self.plots and trainer.is_global_zero):
+            return
+        if self.map_method is not None:
+            subset = self._map_subset(query)
+            if epoch == -1 or self.map_features["initial"] is None:
+                self.map_features["initial"] = subset
+            self.map_features["latest"] = subset if epoch != -1 else None
+        after = self.map_features["latest"]
+        trained = max(r["epoch"] for r in self.history) + 1
+        try:
+            geometry_figures(trainer, self.history, self.map_features["initial"], after, self.map_method or "pca",
+                             self.settings.seed, after_title=f"after {trained} epoch{'s' * (trained != 1)}")
+        except Exception as error:  # a picture must never end a training run
+            log.warning("GeometryEval: drawing the geometry figures failed: %s", error)
 
     def _log(self, trainer: L.Trainer, values: dict[str, float]) -> None:
         named = {f"geometry/{k}": v for k, v in values.items()}
@@ -153,8 +199,10 @@ class GeometryEval(L.Callback):
         return {"geometry": {"history": rows, "initial": initial, "final": final, "delta": delta}}
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "reference": self.reference}
+        return {"history": self.history, "reference": self.reference,
+                "map_initial": self.map_features["initial"]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
         self.reference = state_dict.get("reference")
+        self.map_features["initial"] = state_dict.get("map_initial")
