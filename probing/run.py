@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -191,6 +192,11 @@ def finish(run_dir: Path, rows, config, versions, cka_section, comparisons, tabl
         plots=[str(p) for p in plot_paths],
         seconds={"extraction": round(extraction_seconds, 2), "total": round(time.time() - started, 2)},
     )
+    from probing.report import is_headline, lower_is_better
+    from report.html import update_run_report
+
+    page = update_run_report(run_dir, json.loads(json_path.read_text()), is_headline=is_headline,
+                             lower_is_better=lower_is_better)
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs: no folding at 80 columns
     console.print(final_table(rows, backbone_ids))
     if any(r["layer"] != "final" for r in rows):
@@ -202,5 +208,7 @@ def finish(run_dir: Path, rows, config, versions, cka_section, comparisons, tabl
     console.print(f"results       : {csv_path.resolve()}\n                {json_path.resolve()}")
     if plot_paths:
         console.print(f"plots         : {len(plot_paths)} PNGs in {(run_dir / 'plots').resolve()}")
+    if page:
+        console.print(f"report        : {page.resolve()}")
     return {"run_dir": run_dir, "rows": rows, "plots": plot_paths, "cache": stats,
             "extraction_calls": runner.calls, "results_json": json_path, "results_csv": csv_path}
