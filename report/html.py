@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 FILENAME = "report.html"
 
 #: Figures shown first (the ones a newcomer looks for); the rest follow in name order.
-FIRST_FIGURES = ("embedding_before_after", "geometry_curves", "embedding_map", "accuracy_matrix")
+FIRST_FIGURES = ("embedding_before_after", "geometry_curves", "embedding", "accuracy_matrix", "layers_", "bar_")
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1150px;
@@ -141,32 +141,31 @@ def figures_section(plots_dir: Path) -> str:
 
 
 def probe_tables(rows: list[dict[str, Any]], is_headline, lower_is_better) -> str:
-    """One table per headline metric: datasets x backbones at the final embedding, the best value in bold.
-    ``is_headline`` / ``lower_is_better`` (metric name -> bool) come from the probe room, which owns them."""
+    """Backbones (columns) x datasets (rows) at the final embedding, one block of rows per headline metric, the
+    best value per row in bold. ``is_headline`` / ``lower_is_better`` (metric name -> bool) come from the probe
+    room, which owns them."""
     final = [r for r in rows if r.get("layer") == "final" and not r.get("against")]
     values = {(r["metric"], r["dataset"], r["backbone"]): r["value"] for r in final}
     backbones = list(dict.fromkeys(r["backbone"] for r in final))
-    parts = []
+    body, classes = [], []
     for metric in dict.fromkeys(r["metric"] for r in final if is_headline(r["metric"])):
         datasets = list(dict.fromkeys(r["dataset"] for r in final if r["metric"] == metric))
-        body, classes = [], []
-        for dataset in datasets:
+        ci_name = metric[: -len("_acc")] + "_ci95" if metric.endswith("_acc") else None
+        for number_in_block, dataset in enumerate(datasets):
             cells = [values.get((metric, dataset, b)) for b in backbones]
             present = [v for v in cells if isinstance(v, int | float) and not math.isnan(v)]
             best = (min if lower_is_better(metric) else max)(present) if present else None
-            ci_name = metric[: -len("_acc")] + "_ci95" if metric.endswith("_acc") else None
             shown = []
             for backbone, value in zip(backbones, cells):
                 ci = values.get((ci_name, dataset, backbone)) if ci_name else None
                 shown.append(number(value) + (f" ± {ci:.3f}" if isinstance(ci, int | float) else ""))
-            body.append([esc(dataset), *shown])
-            classes.append(["", *["n best" if v == best and len(present) > 1 else "n" for v in cells]])
-        parts.append(f"<h3>{esc(metric)}</h3>" + table(["dataset", *map(esc, backbones)], body, classes))
-    if not parts:
+            body.append([esc(metric) if number_in_block == 0 else "", esc(dataset), *shown])
+            classes.append(["", "", *["n best" if v == best and len(present) > 1 else "n" for v in cells]])
+    if not body:
         return ""
-    return ("<h2>Backbones × datasets (final embedding)</h2><p class=meta>best per dataset in bold "
+    return ("<h2>Backbones × datasets (final embedding)</h2><p class=meta>best per row in bold "
             "(lowest for distances, ratios and tightness); ± is the 95% CI where one was computed.</p>"
-            + "".join(parts))
+            + table(["metric", "dataset", *map(esc, backbones)], body, classes))
 
 
 def config_section(run_dir: Path, config: Any) -> str:
@@ -196,7 +195,7 @@ def render(run_dir: str | Path, results: dict[str, Any], is_headline=_everything
             f"page written: {time.strftime('%Y-%m-%d %H:%M:%S')}"]
     seconds = results.get("wall_time_s") or (results.get("seconds") or {}).get("total")
     if seconds is not None:
-        meta.append(f"wall time so far: {seconds} s")
+        meta.append(f"wall time: {seconds} s")
     sections = []
     if is_probe:
         sections.append(probe_tables(results["results"], is_headline, lower_is_better))

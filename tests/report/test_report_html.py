@@ -91,10 +91,10 @@ def test_probe_page_has_a_backbones_by_datasets_table(tmp_path):
         ("vit", "cifar10", "fewshot_5shot_ci95", 0.02), ("resnet", "cifar10", "fewshot_5shot_ci95", 0.03)]]
     page = render(tmp_path, {"config": {}, "results": rows}, is_headline=is_headline,
                   lower_is_better=lower_is_better)
-    assert "Backbones × datasets" in page and "<th>vit</th><th>resnet</th>" in page
+    assert "Backbones × datasets" in page and "<th>dataset</th><th>vit</th><th>resnet</th>" in page
     assert '<td class="n best">0.9000</td><td class="n">0.8000</td>' in page
     assert '<td class="n">0.6000 ± 0.020</td><td class="n best">0.7000 ± 0.030</td>' in page
-    assert "<h3>fewshot_5shot_ci95</h3>" not in page
+    assert "<td>fewshot_5shot_ci95</td>" not in page and "<td>linear_probe_acc</td><td>cifar10</td>" in page
 
 
 def test_written_atomically_and_a_failure_only_warns(run_dir, caplog):
