@@ -38,6 +38,11 @@ from report.figures import map_method
 log = logging.getLogger(__name__)
 
 
+def _when(epoch: int) -> str:
+    """A map panel's title: ``before training`` for the initial row, else ``after N epochs``."""
+    return "before training" if epoch < 0 else f"after {epoch + 1} epoch{'s' * (epoch != 0)}"
+
+
 class GeometryBudgetError(MemoryError):
     """The bank would not fit in the configured memory budget."""
 
@@ -170,15 +175,15 @@ class GeometryEval(L.Callback):
         if not (self.plots and trainer.is_global_zero):
             return
         if self.map_method is not None:
-            subset = self._map_subset(query)
+            subset = {**self._map_subset(query), "epoch": epoch}
             if epoch == -1 or self.map_features["initial"] is None:
                 self.map_features["initial"] = subset
             self.map_features["latest"] = subset if epoch != -1 else None
-        after = self.map_features["latest"]
-        trained = max(r["epoch"] for r in self.history) + 1
+        before, after = self.map_features["initial"], self.map_features["latest"]
         try:
-            geometry_figures(trainer, self.history, self.map_features["initial"], after, self.map_method or "pca",
-                             self.settings.seed, after_title=f"after {trained} epoch{'s' * (trained != 1)}")
+            geometry_figures(trainer, self.history, before, after, self.map_method or "pca", self.settings.seed,
+                             before_title=_when(before["epoch"]) if before else "before training",
+                             after_title=_when(epoch))
         except Exception as error:  # a picture must never end a training run
             log.warning("GeometryEval: drawing the geometry figures failed: %s", error)
 

@@ -67,7 +67,8 @@ def map_colours(features: dict, datamodule) -> tuple[dict, dict]:
 
 
 def geometry_figures(trainer: L.Trainer, history: list[dict], before: dict | None, after: dict | None,
-                     method: str, seed: int = 0, after_title: str = "after training") -> list[Path]:
+                     method: str, seed: int = 0, before_title: str = "before training",
+                     after_title: str = "after training") -> list[Path]:
     """GeometryEval's pictures (rank 0): ``plots/geometry_curves.png`` (every metric vs epochs trained, the
     initial row at 0) and, given the query features of the first and the latest evaluation (the same
     samples), ``plots/embedding_before_after.png`` side by side."""
@@ -79,7 +80,7 @@ def geometry_figures(trainer: L.Trainer, history: list[dict], before: dict | Non
         colours, names = map_colours(before, trainer.datamodule)
         points = [project_2d(f["embedding"].float(), method, seed) for f in (before, after)]
         figure = embedding_change_figure(points[0], points[1], colours, method, split, names,
-                                         after_title=after_title)
+                                         before_title=before_title, after_title=after_title)
         paths.append(log_figure(trainer, "plots/embedding_before_after", figure))
     return paths
 
