@@ -16,9 +16,10 @@ import copy
 import lightning as L
 import torch
 
-from callbacks.plots import log_figure
+from callbacks.plots import log_figure, query_split_name
 from features.extract import block_features, eval_mode, gather_by_index, trainer_shard_loader
 from report.figures import cka_heatmap
+from report.style import split_title
 
 
 class LayerCKA(L.Callback):
@@ -47,6 +48,7 @@ class LayerCKA(L.Callback):
         self.history: list[dict] = []
         self.initial: torch.nn.Module | None = None
         self.final_matrix: list[list[float]] | None = None
+        self.samples: int | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Resuming restores weights *after* this hook would see them: the snapshot is the checkpoint's copy
@@ -75,6 +77,7 @@ class LayerCKA(L.Callback):
                 matrix = linear_cka_matrix([features[f"now{i}"] for i in range(n_blocks)],
                                            [features[f"initial{j}"] for j in range(n_blocks)], debiased=self.debiased)
         values, matrix, others = trainer.strategy.broadcast((values, matrix, others), src=0)
+        self.samples = len(features["now0"]) if "now0" in features else None  # for the figures' titles
         self.history = [r for r in self.history if r["epoch"] != epoch] + [{"epoch": epoch, "cka": values, **others}]
         if matrix is not None:
             self.final_matrix = matrix
@@ -102,11 +105,13 @@ class LayerCKA(L.Callback):
             return
         rows = sorted(self.history, key=lambda r: r["epoch"])
         blocks = torch.tensor([r["cka"] for r in rows])
+        shown = split_title("", query_split_name(trainer.datamodule), self.samples).lstrip(": ")
         log_figure(trainer, "plots/cka_blocks_by_epoch", cka_heatmap(
-            blocks, "CKA(block now, block at start)", "block", "epoch",
-            yticks=[str(r["epoch"]) for r in rows]))
+            blocks, f"CKA(block now, block at start)\n{shown}", "block index", "epochs trained",
+            yticks=[str(r["epoch"] + 1) for r in rows]))
         log_figure(trainer, "plots/cka_layer_by_layer", cka_heatmap(
-            torch.tensor(self.final_matrix), "CKA: final layers vs initial layers", "initial block", "final block"))
+            torch.tensor(self.final_matrix), f"CKA: final vs initial blocks\n{shown}", "initial block index",
+            "final block index"))
 
     def results_section(self) -> dict:
         return {"cka": {"history": sorted(self.history, key=lambda r: r["epoch"]), "final_matrix": self.final_matrix}}

@@ -8,6 +8,11 @@ the one-process numbers. Metrics are computed on rank 0 by ``geometry/`` and bro
 logs the same values. Keys: ``geometry/knn_top1@<k>``, ``geometry/knn_top5@<k>``, ``geometry/kmeans_ari``,
 ``geometry/kmeans_nmi``, ``geometry/linear_probe_acc``, ``geometry/fewshot_<K>shot_acc`` and, with a
 hierarchy, ``geometry/hier_*``.
+
+After each evaluation rank 0 draws ``plots/geometry_curves.png`` (every metric vs epochs trained, the initial
+row at 0) and ``plots/embedding_before_after.png`` (the query set at the first and the latest evaluation side
+by side) from the query features it just extracted: a seeded subset of at most ``max_map_points`` samples is
+kept, so the pictures cost no second extraction.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 import lightning as L
 import torch
 
+from callbacks.plots import geometry_figures
 from features.extract import (
     bytes_needed,
     describe_bytes,
@@ -34,8 +40,14 @@ from geometry.suite import (
     evaluate_features,
     metric_keywords,
 )
+from report.figures import map_method
 
 log = logging.getLogger(__name__)
+
+
+def _when(epoch: int) -> str:
+    """A map panel's title: ``before training`` for the initial row, else ``after N epochs``."""
+    return "before training" if epoch < 0 else f"after {epoch + 1} epoch{'s' * (epoch != 0)}"
 
 
 class GeometryBudgetError(MemoryError):
@@ -60,6 +72,10 @@ class GeometryEval(L.Callback):
         collapse_fraction: With the ``quality`` metric: warn (log and ``results.json``) when RankMe falls below this
             fraction of its fit-start value, a sign of dimensional collapse (DIET's random-class head can cause
             it); None: never.
+        embedding_map: Method of the before / after map: ``auto`` (UMAP when ``umap-learn`` is installed, else
+            PCA), ``pca``, ``umap``, or ``none`` (no map; the curves are still drawn).
+        max_map_points: Query samples drawn in the map (a seeded subset, the same samples before and after).
+        plots: Draw the curves and the map after each evaluation.
     """
 
     def __init__(
@@ -73,6 +89,9 @@ class GeometryEval(L.Callback):
         memory_budget_gb: float | None = None,
         at_fit_start: bool = True,
         collapse_fraction: float | None = 0.5,
+        embedding_map: str = "auto",
+        max_map_points: int = 2000,
+        plots: bool = True,
     ):
         if bank_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"bank_dtype must be float32, float16 or bfloat16, got {bank_dtype!r}")
@@ -87,6 +106,9 @@ class GeometryEval(L.Callback):
         self.at_fit_start = at_fit_start
         self.collapse_fraction = collapse_fraction
         self.collapse_warnings: list[dict] = []
+        self.map_method = None if embedding_map == "none" else map_method(embedding_map)
+        self.max_map_points, self.plots = max_map_points, plots
+        self.map_features: dict[str, dict | None] = {"initial": None, "latest": None}  # the map's query subset
         self.history: list[dict] = []
         self.reference: dict | None = None  # the query features at fit start, for drift metrics
         self.initial_per_query: dict | None = None  # per-query correctness at fit start (paired comparisons)
@@ -152,7 +174,36 @@ class GeometryEval(L.Callback):
                "n_bank": len(bank["index"]), "n_query": len(query["index"]), **values}
         self.history = [r for r in self.history if r["epoch"] != epoch] + [row]
         self._log(trainer, values)
+        self._draw(trainer, query, epoch)
         return values
+
+    # -- pictures -----------------------------------------------------------------------------------
+    def _map_subset(self, query: dict) -> dict:
+        """A seeded subset of the query features (by sample index, so the same samples at every evaluation)."""
+        index = query["index"].cpu()
+        keep = torch.arange(len(index))
+        if len(index) > self.max_map_points:
+            order = torch.randperm(len(index), generator=torch.Generator().manual_seed(self.settings.seed))
+            keep = order[: self.max_map_points].sort().values
+        return {k: query[k][keep.to(query[k].device)].detach().float().cpu() if k == "embedding"
+                else query[k][keep.to(query[k].device)].cpu()
+                for k in ("embedding", "label", "index", "superclass") if k in query}
+
+    def _draw(self, trainer: L.Trainer, query: dict, epoch: int) -> None:
+        if not (self.plots and trainer.is_global_zero):
+            return
+        if self.map_method is not None:
+            subset = {**self._map_subset(query), "epoch": epoch}
+            if epoch == -1 or self.map_features["initial"] is None:
+                self.map_features["initial"] = subset
+            self.map_features["latest"] = subset if epoch != -1 else None
+        before, after = self.map_features["initial"], self.map_features["latest"]
+        try:
+            geometry_figures(trainer, self.history, before, after, self.map_method or "pca", self.settings.seed,
+                             before_title=_when(before["epoch"]) if before else "before training",
+                             after_title=_when(epoch))
+        except Exception as error:  # a picture must never end a training run
+            log.warning("GeometryEval: drawing the geometry figures failed: %s", error)
 
     def _log(self, trainer: L.Trainer, values: dict[str, float]) -> None:
         named = {f"geometry/{k}": v for k, v in values.items()}
@@ -215,7 +266,8 @@ class GeometryEval(L.Callback):
 
     def state_dict(self) -> dict:
         return {"history": self.history, "reference": self.reference, "initial_per_query": self.initial_per_query,
-                "comparison": self.comparison, "collapse_warnings": self.collapse_warnings}
+                "comparison": self.comparison, "collapse_warnings": self.collapse_warnings,
+                "map_initial": self.map_features["initial"]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
@@ -223,3 +275,4 @@ class GeometryEval(L.Callback):
         self.initial_per_query = state_dict.get("initial_per_query")
         self.comparison = state_dict.get("comparison", {})
         self.collapse_warnings = list(state_dict.get("collapse_warnings", []))
+        self.map_features["initial"] = state_dict.get("map_initial")

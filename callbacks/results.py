@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from report.html import update_run_report
 from report.io import atomic_write_json
 from report.run_info import versions
 
@@ -115,7 +116,9 @@ class ResultsWriter(L.Callback):
 
     @rank_zero_only
     def write(self, trainer: L.Trainer) -> None:
-        atomic_write_json(self.path(trainer), self.results(trainer))
+        results = self.results(trainer)
+        atomic_write_json(self.path(trainer), results)
+        update_run_report(trainer.default_root_dir, results)  # report.html beside it; only warns on failure
 
     # -- resume ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -180,14 +181,16 @@ def check_pairs(pairs: list[dict[str, str]] | None, labels: list[str]) -> list[t
 
 def draw_plots(out_dir: Path, rows, cka_section, features, modules, pairs, cfg, settings) -> list[Path]:
     from probing import plots
+    from report.figures import map_method
 
     paths = []
     if cfg.embedding_map != "none":
-        method = plots.map_method(cfg.embedding_map)
+        method = map_method(cfg.embedding_map)
         for backbone, per_dataset in features.items():
             for dataset, splits in per_dataset.items():
                 paths.append(plots.embedding_map(out_dir, backbone, dataset, splits, modules[dataset],
-                                                 "query", method, settings.seed))
+                                                 "query", method, settings.seed,
+                                                 split_name=cka_section.get("split", {}).get(dataset)))
             for real, synthetic in pairs:
                 paths.append(plots.synthetic_real_map(
                     out_dir, backbone, real, synthetic, per_dataset[real], per_dataset[synthetic],
@@ -215,6 +218,11 @@ def finish(run_dir: Path, rows, config, versions, cka_section, comparisons, tabl
         plots=[str(p) for p in plot_paths],
         seconds={"extraction": round(extraction_seconds, 2), "total": round(time.time() - started, 2)},
     )
+    from probing.report import is_headline, lower_is_better
+    from report.html import update_run_report
+
+    page = update_run_report(run_dir, json.loads(json_path.read_text()), is_headline=is_headline,
+                             lower_is_better=lower_is_better)
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs: no folding at 80 columns
     console.print(final_table(rows, backbone_ids))
     if any(r["layer"] != "final" for r in rows):
@@ -226,5 +234,7 @@ def finish(run_dir: Path, rows, config, versions, cka_section, comparisons, tabl
     console.print(f"results       : {csv_path.resolve()}\n                {json_path.resolve()}")
     if plot_paths:
         console.print(f"plots         : {len(plot_paths)} PNGs in {(run_dir / 'plots').resolve()}")
+    if page:
+        console.print(f"report        : {page.resolve()}")
     return {"run_dir": run_dir, "rows": rows, "plots": plot_paths, "cache": stats,
             "extraction_calls": runner.calls, "results_json": json_path, "results_csv": csv_path}
