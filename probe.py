@@ -72,6 +72,14 @@ def build_parser() -> ArgumentParser:
         help="Evaluation settings (geometry.suite.MetricSettings): --settings.knn_ks, --settings.knn_temperature, "
              "--settings.kmeans_n_init, --settings.seed (subsets, random weights, k-means, probes), ...")
     add("--cka_debiased", type=bool, default=False, help="Use the debiased linear CKA estimator.")
+    add("--similarities", type=list[str] | None, default=None,
+        help="Calibrated similarity matrices of the query features, backbone x backbone and (with --layers) layer x "
+             "layer: any of linear_cka, mutual_knn, cknna, procrustes, rsa, svcca, pwcca; each score with its "
+             "permutation-calibrated value and p-value (--settings.calibration_permutations, default 200).")
+    add("--compare", type=list[list[str]] | None, default=None,
+        help="Paired comparisons on the same queries: pairs [[a, b], ...] of backbone labels (or [[all]]: each "
+             "against the first): per accuracy the difference a - b, its paired bootstrap interval and the exact "
+             "McNemar p-value (rows <metric>_diff, _diff_ci_low, _diff_ci_high, _mcnemar_p, against = b).")
     add("--synthetic_vs_real", type=list[dict[str, str]] | None, default=None,
         help="Pairs {real: <dataset>, synthetic: <dataset>} of datasets whose class names overlap: how far the "
              "synthetic embeddings of each sub-class lie from the real ones, and where novel sub-classes land.")

@@ -8,6 +8,11 @@ the one-process numbers. Metrics are computed on rank 0 by ``geometry/`` and bro
 logs the same values. Keys: ``geometry/knn_top1@<k>``, ``geometry/knn_top5@<k>``, ``geometry/kmeans_ari``,
 ``geometry/kmeans_nmi``, ``geometry/linear_probe_acc``, ``geometry/fewshot_<K>shot_acc`` and, with a
 hierarchy, ``geometry/hier_*``.
+
+After each evaluation rank 0 draws ``plots/geometry_curves.png`` (every metric vs epochs trained, the initial
+row at 0) and ``plots/embedding_before_after.png`` (the query set at the first and the latest evaluation side
+by side) from the query features it just extracted: a seeded subset of at most ``max_map_points`` samples is
+kept, so the pictures cost no second extraction.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 import lightning as L
 import torch
 
+from callbacks.plots import geometry_figures
 from features.extract import (
     bytes_needed,
     describe_bytes,
@@ -26,9 +32,22 @@ from features.extract import (
     gather_by_index,
     trainer_shard_loader,
 )
-from geometry.suite import DEFAULT_METRICS, MetricSettings, check_metrics, evaluate_features, metric_keywords
+from geometry.suite import (
+    DEFAULT_METRICS,
+    DRIFT_METRICS,
+    MetricSettings,
+    check_metrics,
+    evaluate_features,
+    metric_keywords,
+)
+from report.figures import map_method
 
 log = logging.getLogger(__name__)
+
+
+def _when(epoch: int) -> str:
+    """A map panel's title: ``before training`` for the initial row, else ``after N epochs``."""
+    return "before training" if epoch < 0 else f"after {epoch + 1} epoch{'s' * (epoch != 0)}"
 
 
 class GeometryBudgetError(MemoryError):
@@ -50,18 +69,29 @@ class GeometryEval(L.Callback):
         bank_dtype: ``float32`` or ``float16`` storage of gathered features (halves memory).
         memory_budget_gb: Stop with advice when bank + queries would need more than this; None: no check.
         at_fit_start: Measure before the first training step (the "initial" row).
+        collapse_fraction: With the ``quality`` metric: warn (log and ``results.json``) when RankMe falls below this
+            fraction of its fit-start value, a sign of dimensional collapse (DIET's random-class head can cause
+            it); None: never.
+        embedding_map: Method of the before / after map: ``auto`` (UMAP when ``umap-learn`` is installed, else
+            PCA), ``pca``, ``umap``, or ``none`` (no map; the curves are still drawn).
+        max_map_points: Query samples drawn in the map (a seeded subset, the same samples before and after).
+        plots: Draw the curves and the map after each evaluation.
     """
 
     def __init__(
         self,
         every_n_epochs: int = 1,
-        metrics: list[str] = DEFAULT_METRICS,
+        metrics: list[str] = (*DEFAULT_METRICS, *DRIFT_METRICS),
         settings: MetricSettings | None = None,
         max_bank_size: int | None = None,
         max_query_size: int | None = None,
         bank_dtype: str = "float32",
         memory_budget_gb: float | None = None,
         at_fit_start: bool = True,
+        collapse_fraction: float | None = 0.5,
+        embedding_map: str = "auto",
+        max_map_points: int = 2000,
+        plots: bool = True,
     ):
         if bank_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"bank_dtype must be float32, float16 or bfloat16, got {bank_dtype!r}")
@@ -74,8 +104,15 @@ class GeometryEval(L.Callback):
         self.bank_dtype = getattr(torch, bank_dtype)
         self.memory_budget_gb = memory_budget_gb
         self.at_fit_start = at_fit_start
+        self.collapse_fraction = collapse_fraction
+        self.collapse_warnings: list[dict] = []
+        self.map_method = None if embedding_map == "none" else map_method(embedding_map)
+        self.max_map_points, self.plots = max_map_points, plots
+        self.map_features: dict[str, dict | None] = {"initial": None, "latest": None}  # the map's query subset
         self.history: list[dict] = []
         self.reference: dict | None = None  # the query features at fit start, for drift metrics
+        self.initial_per_query: dict | None = None  # per-query correctness at fit start (paired comparisons)
+        self.comparison: dict = {}
 
     # -- when ---------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -127,14 +164,46 @@ class GeometryEval(L.Callback):
             self.reference = query  # this is the first evaluation (fit start): the drift metrics' baseline
         values: dict[str, float] | None = None
         if trainer.is_global_zero:
+            per_query: dict = {}
             values = evaluate_features(bank, query, self.metrics, self.settings, novel=novel,
-                                       reference=self.reference)
+                                       reference=self.reference, per_query=per_query)
+            self._compare_with_initial(per_query, epoch)
         values = trainer.strategy.broadcast(values, src=0)
+        self._check_collapse(values, epoch)
         row = {"epoch": epoch, "step": trainer.global_step, "seconds": round(time.perf_counter() - start, 3),
                "n_bank": len(bank["index"]), "n_query": len(query["index"]), **values}
         self.history = [r for r in self.history if r["epoch"] != epoch] + [row]
         self._log(trainer, values)
+        self._draw(trainer, query, epoch)
         return values
+
+    # -- pictures -----------------------------------------------------------------------------------
+    def _map_subset(self, query: dict) -> dict:
+        """A seeded subset of the query features (by sample index, so the same samples at every evaluation)."""
+        index = query["index"].cpu()
+        keep = torch.arange(len(index))
+        if len(index) > self.max_map_points:
+            order = torch.randperm(len(index), generator=torch.Generator().manual_seed(self.settings.seed))
+            keep = order[: self.max_map_points].sort().values
+        return {k: query[k][keep.to(query[k].device)].detach().float().cpu() if k == "embedding"
+                else query[k][keep.to(query[k].device)].cpu()
+                for k in ("embedding", "label", "index", "superclass") if k in query}
+
+    def _draw(self, trainer: L.Trainer, query: dict, epoch: int) -> None:
+        if not (self.plots and trainer.is_global_zero):
+            return
+        if self.map_method is not None:
+            subset = {**self._map_subset(query), "epoch": epoch}
+            if epoch == -1 or self.map_features["initial"] is None:
+                self.map_features["initial"] = subset
+            self.map_features["latest"] = subset if epoch != -1 else None
+        before, after = self.map_features["initial"], self.map_features["latest"]
+        try:
+            geometry_figures(trainer, self.history, before, after, self.map_method or "pca", self.settings.seed,
+                             before_title=_when(before["epoch"]) if before else "before training",
+                             after_title=_when(epoch))
+        except Exception as error:  # a picture must never end a training run
+            log.warning("GeometryEval: drawing the geometry figures failed: %s", error)
 
     def _log(self, trainer: L.Trainer, values: dict[str, float]) -> None:
         named = {f"geometry/{k}": v for k, v in values.items()}
@@ -143,18 +212,67 @@ class GeometryEval(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(named, step=trainer.global_step)
 
+    def _check_collapse(self, values: dict[str, float], epoch: int) -> None:
+        initial = next((r.get("rankme") for r in self.history if r["epoch"] == -1), None)
+        now = values.get("rankme")
+        if self.collapse_fraction is None or epoch == -1 or initial is None or now is None:
+            return
+        if now < self.collapse_fraction * initial:
+            message = (f"RankMe fell to {now:.1f} at epoch {epoch}, below {self.collapse_fraction:g} x its fit-start "
+                       f"value {initial:.1f}: the embedding is collapsing onto fewer dimensions")
+            log.warning(message)
+            self.collapse_warnings = [w for w in self.collapse_warnings if w["epoch"] != epoch] + [
+                {"epoch": epoch, "rankme": now, "initial_rankme": initial, "message": message}]
+
+    def _compare_with_initial(self, per_query: dict, epoch: int) -> None:
+        """Paired comparison of this evaluation with the first (fit start) on the same queries: per accuracy, the
+        difference with its paired bootstrap interval, and the exact McNemar p-value of per-query correctness."""
+        from geometry.stats import PerQuery, mcnemar_p, paired_bootstrap_ci
+
+        # Plain per-query means only (a balanced accuracy is not the mean of its vector).
+        now = {key: value.values.cpu() for key, value in per_query.items() if type(value) is PerQuery}
+        if self.initial_per_query is None or epoch == -1:
+            self.initial_per_query = now
+            return
+        settings, comparison = self.settings, {}
+        for key, values in now.items():
+            before = self.initial_per_query.get(key)
+            if before is None or before.shape != values.shape:
+                continue  # another query set (max_query_size changed on resume): not a paired comparison
+            entry = {"initial": float(before.double().mean()), "final": float(values.double().mean())}
+            entry["diff"] = entry["final"] - entry["initial"]
+            if settings.bootstrap_n > 0:
+                low, high = paired_bootstrap_ci(values, before, n_boot=settings.bootstrap_n,
+                                                level=settings.bootstrap_level, seed=settings.seed)
+                entry["diff_ci_low"], entry["diff_ci_high"] = float(low), float(high)
+            if values.dtype == torch.bool:
+                entry["mcnemar_p"] = mcnemar_p(values, before)
+            comparison[key] = entry
+        self.comparison = {"epoch": epoch, "metrics": comparison}
+
     # -- results.json and resume --------------------------------------------------------------------
     def results_section(self) -> dict:
         rows = sorted(self.history, key=lambda r: r["epoch"])
         skip = {"epoch", "step", "seconds", "n_bank", "n_query"}
         initial = next(({k: v for k, v in r.items() if k not in skip} for r in rows if r["epoch"] == -1), {})
         final = {k: v for k, v in rows[-1].items() if k not in skip} if rows else {}
-        delta = {k: final[k] - initial[k] for k in initial if k in final}
-        return {"geometry": {"history": rows, "initial": initial, "final": final, "delta": delta}}
+        delta = {k: final[k] - initial[k] for k in initial if k in final and not k.endswith(("_ci_low", "_ci_high"))}
+        section = {"history": rows, "initial": initial, "final": final, "delta": delta}
+        if self.comparison:
+            section["initial_vs_final"] = self.comparison
+        if self.collapse_warnings:
+            section["collapse_warnings"] = self.collapse_warnings
+        return {"geometry": section}
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "reference": self.reference}
+        return {"history": self.history, "reference": self.reference, "initial_per_query": self.initial_per_query,
+                "comparison": self.comparison, "collapse_warnings": self.collapse_warnings,
+                "map_initial": self.map_features["initial"]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
         self.reference = state_dict.get("reference")
+        self.initial_per_query = state_dict.get("initial_per_query")
+        self.comparison = state_dict.get("comparison", {})
+        self.collapse_warnings = list(state_dict.get("collapse_warnings", []))
+        self.map_features["initial"] = state_dict.get("map_initial")

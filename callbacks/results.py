@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from cli.errors import naming_path
+from report.html import update_run_report
 from report.io import atomic_write_json
 from report.run_info import versions
 
@@ -151,6 +152,7 @@ class ResultsWriter(L.Callback):
         results.update({key: earlier[key] for key in STAGE_SECTIONS if key in earlier})
         with naming_path(self.path(trainer)):
             atomic_write_json(self.path(trainer), results)
+        update_run_report(trainer.default_root_dir, results)  # report.html beside it; only warns on failure
 
     @rank_zero_only
     def write_stage(self, trainer: L.Trainer, stage: str, metrics: dict) -> None:

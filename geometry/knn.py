@@ -29,8 +29,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from geometry.classification import auc_entry, balanced_accuracy, multilabel_accuracy, multilabel_macro_auc
+from geometry.classification import auc_entry, multilabel_accuracy, multilabel_macro_auc
 from geometry.common import as_features, as_labels, check_distance, rows_per_chunk, squared_norms, unit_rows
+from geometry.stats import BalancedAccuracy, PerQuery
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -150,20 +151,23 @@ def knn_topk_accuracy(bank, bank_labels, queries, query_labels, ks: Sequence[int
     votes too would fill the remaining places by label value, so renaming the classes would change the
     accuracy. Query labels absent from the bank count as errors.
     """
-    return _topk_accuracy_and_predictions(bank, bank_labels, queries, query_labels, ks, topk, temperature, distance,
-                                          chunk_size)[0]
+    hits, _ = _topk_hits_and_predictions(bank, bank_labels, queries, query_labels, ks, topk, temperature, distance,
+                                         chunk_size)
+    return {t: {k: int(hit.sum()) / len(hit) for k, hit in per_k.items()} for t, per_k in hits.items()}
 
 
-def _topk_accuracy_and_predictions(bank, bank_labels, queries, query_labels, ks, topk, temperature, distance,
-                                   chunk_size) -> tuple[dict[int, dict[int, float]], dict[int, Tensor]]:
-    """``knn_topk_accuracy`` and ``knn_predict`` from one retrieval: the first ranked class is the prediction."""
+def _topk_hits_and_predictions(bank, bank_labels, queries, query_labels, ks, topk, temperature, distance,
+                               chunk_size) -> tuple[dict[int, dict[int, Tensor]], dict[int, Tensor]]:
+    """Per-query top-t hits ``{t: {k: (N,) bool}}`` and ``knn_predict``'s predictions from one retrieval (the first
+    ranked class is the prediction)."""
     bank, bank_class, classes, queries, ks = _prepare(bank, bank_labels, queries, ks, distance)
     query_labels = as_labels(query_labels, queries.shape[0], "query_labels").to(bank.device)
     topk = tuple(sorted({int(t) for t in topk}))
     if not topk or topk[0] < 1:
         raise ValueError(f"topk must be positive integers, got {topk}")
-    hits = {t: dict.fromkeys(ks, 0) for t in topk}
-    predictions = {k: torch.empty(queries.shape[0], dtype=torch.long, device=bank.device) for k in ks}
+    n = queries.shape[0]
+    hits = {t: {k: torch.empty(n, dtype=torch.bool, device=bank.device) for k in ks} for t in topk}
+    predictions = {k: torch.empty(n, dtype=torch.long, device=bank.device) for k in ks}
     for start, ranked in _ranked_classes(bank, bank_class, len(classes), queries, ks, temperature, distance,
                                          chunk_size, n_ranks=topk[-1]):
         for k in ks:
@@ -172,9 +176,8 @@ def _topk_accuracy_and_predictions(bank, bank_labels, queries, query_labels, ks,
             predictions[k][rows] = predicted[:, 0]  # the nearest neighbour's class always has a vote
             correct = (predicted == query_labels[rows].unsqueeze(1)) & (ranked[k] >= 0)
             for t in topk:
-                hits[t][k] += int(correct[:, :t].any(dim=1).sum())
-    n = queries.shape[0]
-    return {t: {k: hits[t][k] / n for k in ks} for t in topk}, predictions
+                hits[t][k][rows] = correct[:, :t].any(dim=1)
+    return hits, predictions
 
 
 def knn_accuracy(bank, bank_labels, queries, query_labels, ks: Sequence[int] = DEFAULT_KS,
@@ -300,9 +303,10 @@ def knn_metrics(bank, query, settings) -> dict[str, float]:
         for k in ks:
             out.update(auc_entry(f"knn_auc@{k}", lambda k=k: multilabel_macro_auc(scores[k], query["label"])))
         return out
-    accuracy, predictions = _topk_accuracy_and_predictions(
+    hits, predictions = _topk_hits_and_predictions(
         bank["embedding"].float(), bank["label"], query["embedding"].float(), query["label"], ks, settings.knn_topk,
         settings.knn_temperature, "cosine", None)
-    out = {f"knn_top{t}@{k}": value for t in settings.knn_topk for k, value in accuracy[t].items()}
-    out.update({f"knn_balanced@{k}": balanced_accuracy(predictions[k], query["label"]) for k in ks})
+    out = {f"knn_top{t}@{k}": PerQuery(hit) for t in settings.knn_topk for k, hit in hits[t].items()}
+    label = query["label"].to(predictions[ks[0]].device)  # one tensor: the intervals share their resamples
+    out.update({f"knn_balanced@{k}": BalancedAccuracy(predictions[k], label) for k in ks})
     return out

@@ -31,13 +31,13 @@ from torch import Tensor
 
 from geometry.classification import (
     auc_entry,
-    balanced_accuracy,
     macro_auc,
     multilabel_accuracy,
     multilabel_macro_auc,
 )
 from geometry.common import addmm_rows, as_features, as_labels, column_means
 from geometry.knn import lowshot_subsets
+from geometry.stats import BalancedAccuracy, PerQuery
 
 # One value per decade: from nearly unregularised to strongly shrunk (C = 1/(l2 n) spans 8 decades too).
 DEFAULT_L2_GRID = tuple(10.0**e for e in range(-7, 1))
@@ -364,7 +364,8 @@ def linear_metrics(bank, query, settings) -> dict[str, float]:
                 **auc_entry("linear_probe_auc", lambda: multilabel_macro_auc(fit["scores"], query["label"]))}
     fit = linear_probe(bank["embedding"].float(), bank["label"], query["embedding"].float(), query["label"],
                        l2_grid=settings.probe_l2_grid, seed=settings.seed, return_probabilities=True)
-    return {"linear_probe_acc": fit["accuracy"],
-            "linear_probe_balanced_acc": balanced_accuracy(fit["predictions"], query["label"]),
+    y = query["label"].to(fit["predictions"].device)
+    return {"linear_probe_acc": PerQuery(fit["predictions"] == y),
+            "linear_probe_balanced_acc": BalancedAccuracy(fit["predictions"], y),
             **auc_entry("linear_probe_auc",
                         lambda: macro_auc(fit["probabilities"], query["label"], classes=fit["classes"]))}

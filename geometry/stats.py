@@ -139,36 +139,33 @@ def paired_bootstrap_ci(a, b, n_boot: int = 1000, level: float = 0.95, seed: int
     return bootstrap_ci(a.double() - b.double(), n_boot=n_boot, level=level, seed=seed)
 
 
-def balanced_accuracy(pred, label) -> float:
-    """Mean per-class recall over the classes present in ``label`` (``sklearn.metrics.balanced_accuracy_score``)."""
-    pred, label = _per_query(pred, "pred"), _per_query(label, "label")
-    classes, inverse = torch.unique(label, return_inverse=True)
-    total = torch.bincount(inverse, minlength=len(classes)).double()
-    right = torch.bincount(inverse, weights=(pred == label).double(), minlength=len(classes))
-    return float((right / total).mean())
-
-
-def balanced_accuracy_ci(pred, label, n_boot: int = 1000, level: float = 0.95,
-                         seed: int = 0) -> tuple[float, float]:
+def balanced_accuracy_ci(pred, label, n_boot: int = 1000, level: float = 0.95, seed: int = 0):
     """Percentile bootstrap interval of the balanced accuracy, from per-class counts of each resample.
 
-    A class absent from a resample does not enter that resample's mean (as in scikit-learn, which averages
-    over the classes present in ``y_true``).
+    ``pred`` may be (N, K): K predictions of the same queries (kNN at several k) share the resamples, and the
+    result is two (K,) tensors. A class absent from a resample does not enter that resample's mean (as in
+    scikit-learn, which averages over the classes present in ``y_true``).
     """
-    pred, label = _per_query(pred, "pred"), _per_query(label, "label")
+    pred, label = _per_query(pred, "pred", columns=True), _per_query(label, "label")
+    if pred.shape[0] != label.shape[0]:
+        raise ValueError(f"pred and label differ in length: {pred.shape[0]} vs {label.shape[0]}")
     _, inverse = torch.unique(label, return_inverse=True)
     n_classes = int(inverse.max()) + 1
+    columns = pred.ndim == 2
 
     def resampled_balanced_accuracy(correct: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        # correct: (rows, N, K) 0/1, cls: (rows, N) class positions of the resampled queries
         total = torch.zeros(cls.shape[0], n_classes, dtype=torch.float64, device=cls.device)
-        right = torch.zeros_like(total)
-        total.scatter_add_(1, cls, torch.ones_like(correct))
-        right.scatter_add_(1, cls, correct)
+        total.scatter_add_(1, cls, torch.ones_like(cls, dtype=torch.float64))
+        right = torch.zeros(cls.shape[0], n_classes, correct.shape[2], dtype=torch.float64, device=cls.device)
+        right.scatter_add_(1, cls.unsqueeze(2).expand_as(correct), correct)
         present = total > 0
-        recall = torch.where(present, right / total.clamp_min(1.0), torch.zeros_like(total))
-        return recall.sum(dim=1) / present.sum(dim=1)
+        recall = right / total.clamp_min(1.0).unsqueeze(2)  # absent classes: 0 / 1 = 0, left out below
+        values = recall.sum(dim=1) / present.sum(dim=1, keepdim=True)
+        return values if columns else values[:, 0]
 
-    correct = (pred == label).double()
+    correct = (pred == (label.unsqueeze(1) if columns else label)).double()
+    correct = correct if columns else correct.unsqueeze(1)
     return bootstrap_ci_stat(resampled_balanced_accuracy, correct, inverse, n_boot=n_boot, level=level, seed=seed)
 
 
@@ -192,3 +189,109 @@ def mcnemar_p(correct_a, correct_b) -> float:
     k = torch.arange(min(b, c) + 1, dtype=torch.float64)
     log_pmf = math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1) - n * math.log(2.0)
     return min(1.0, 2.0 * math.exp(float(torch.logsumexp(log_pmf, dim=0))))
+
+
+class PerQuery:
+    """A metric value that is the mean of a per-query vector (0/1 correctness or a score).
+
+    Metrics return it instead of a float when the suite should attach an interval: ``evaluate_features`` reports
+    the mean, and with ``settings.bootstrap_n > 0`` the percentile bootstrap interval as ``<key>_ci_low`` /
+    ``<key>_ci_high``; the vector itself serves paired comparisons (McNemar, paired bootstrap).
+    """
+
+    def __init__(self, values):
+        self.values = _per_query(values, "values")
+
+    def __float__(self) -> float:
+        return float(self.values.double().mean())
+
+    def interval(self, n_boot: int, level: float, seed: int) -> tuple[float, float]:
+        low, high = bootstrap_ci(self.values, n_boot=n_boot, level=level, seed=seed)
+        return float(low), float(high)
+
+
+class BalancedAccuracy(PerQuery):
+    """Balanced accuracy (mean per-class recall) of per-query predictions; its interval resamples the queries."""
+
+    def __init__(self, pred, label):
+        pred, label = _per_query(pred, "pred"), _per_query(label, "label")
+        super().__init__((pred == label).double())
+        self.pred, self.label = pred, label
+
+    def __float__(self) -> float:
+        from geometry.classification import balanced_accuracy
+
+        return balanced_accuracy(self.pred, self.label)
+
+    def interval(self, n_boot: int, level: float, seed: int) -> tuple[float, float]:
+        low, high = balanced_accuracy_ci(self.pred, self.label, n_boot=n_boot, level=level, seed=seed)
+        return float(low), float(high)
+
+
+def with_intervals(values: dict, n_boot: int, level: float, seed: int) -> dict[str, float]:
+    """Floats of ``values``; every :class:`PerQuery` also gives ``<key>_ci_low`` / ``<key>_ci_high`` (B > 0).
+
+    All intervals over the same N queries come from ONE set of resamples and one product per chunk: a resample's
+    multiplicities (rows x N) times a matrix holding every plain per-query vector, and for each balanced
+    accuracy's labels a one-hot block and its correctness-weighted copy (per-class totals and hits). Each
+    interval equals the one ``bootstrap_ci`` / ``balanced_accuracy_ci`` give alone with the same seed.
+    """
+    out = {key: float(value) for key, value in values.items()}
+    if n_boot <= 0:
+        return out
+    _check_level(level, n_boot)
+    groups: dict[int, list[str]] = {}
+    for key, value in values.items():
+        if isinstance(value, PerQuery):
+            groups.setdefault(len(value.values), []).append(key)
+    for n, keys in groups.items():
+        plain = [key for key in keys if type(values[key]) is PerQuery]
+        balanced = [key for key in keys if isinstance(values[key], BalancedAccuracy)]
+        others = [key for key in keys if key not in plain and key not in balanced]
+        for key in others:  # PerQuery subclasses of a user's: their own interval
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = values[key].interval(n_boot, level, seed)
+        blocks, layout = [], []  # columns of the product, and how to read each key back
+        device = values[keys[0]].values.device
+        if plain:
+            blocks.append(torch.stack([values[key].values.to(device).double() for key in plain], dim=1))
+            layout.append(("plain", plain, len(plain)))
+        by_label: dict[int, list[str]] = {}
+        for key in balanced:
+            by_label.setdefault(id(values[key].label), []).append(key)
+        for same in by_label.values():
+            _, cls = torch.unique(values[same[0]].label.to(device), return_inverse=True)
+            onehot = torch.nn.functional.one_hot(cls, int(cls.max()) + 1).double()  # (N, C)
+            correct = torch.stack([values[key].values.to(device).double() for key in same], dim=1)  # (N, K)
+            blocks += [onehot, (onehot.unsqueeze(2) * correct.unsqueeze(1)).flatten(1)]
+            layout.append(("balanced", same, onehot.shape[1]))
+        if not blocks:
+            continue
+        columns = torch.cat(blocks, dim=1)
+        # 0/1 columns times integer multiplicities sum to integers <= N: exact in float32 below 2^24, and twice
+        # as fast as float64; per-query scores keep float64.
+        exact32 = n < 2**24 and bool(((columns == 0) | (columns == 1)).all())
+        dtype = torch.float32 if exact32 else torch.float64
+        columns = columns.to(dtype)
+
+        def statistics(index: torch.Tensor, columns=columns, layout=layout, n=n, dtype=dtype) -> torch.Tensor:
+            drawn = torch.zeros(index.shape[0], n, dtype=dtype, device=index.device)
+            drawn.scatter_add_(1, index, torch.ones_like(index, dtype=dtype))
+            sums, parts, at = (drawn @ columns).double(), [], 0
+            for kind, keys_, width in layout:
+                if kind == "plain":
+                    parts.append(sums[:, at:at + width] / n)
+                    at += width
+                    continue
+                total = sums[:, at:at + width]
+                right = sums[:, at + width:at + width + width * len(keys_)].view(-1, width, len(keys_))
+                at += width + width * len(keys_)
+                present = total > 0
+                recall = right / total.clamp_min(1.0).unsqueeze(2)  # absent classes: 0, and not counted
+                parts.append(recall.sum(dim=1) / present.sum(dim=1, keepdim=True))
+            return torch.cat(parts, dim=1)
+
+        low, high = _bootstrap(statistics, n, n_boot, level, seed, device, width=1)
+        ordered = [key for _, keys_, _ in layout for key in keys_]
+        for j, key in enumerate(ordered):
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = float(low[j]), float(high[j])
+    return out

@@ -39,10 +39,14 @@ BUILTIN_METRICS: dict[str, str] = {
     "lowshot": "geometry.lowshot:lowshot_metrics",
     "shift": "geometry.shift:shift_metrics",
     "oddoneout": "geometry.alignment:oddoneout_metrics",
+    "quality": "geometry.quality:quality_metrics",
+    "similarity": "geometry.similarity:similarity_to_reference",
 }
 
 #: The metrics a GeometryEval / probe.py run computes when the user names none.
-DEFAULT_METRICS: tuple[str, ...] = ("knn", "kmeans", "linear", "hierarchy")
+DEFAULT_METRICS: tuple[str, ...] = ("knn", "kmeans", "linear", "hierarchy", "quality")
+#: Metrics of how far the embedding moved from fit start (they need ``reference=``): GeometryEval's default too.
+DRIFT_METRICS: tuple[str, ...] = ("similarity",)
 
 
 @dataclass
@@ -155,11 +159,17 @@ def _keywords(metric: Metric) -> dict[str, inspect.Parameter]:
             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
-def _as_floats(name: str, values) -> dict[str, float]:
+def _checked(name: str, values) -> dict:
+    """The metric's values as floats or ``geometry.stats.PerQuery`` (whose interval the suite adds)."""
+    from geometry.stats import PerQuery
+
     if not isinstance(values, Mapping):
         raise TypeError(f"metric {name!r} must return a dict of floats, got {type(values).__name__}")
     out = {}
     for key, value in values.items():
+        if isinstance(value, PerQuery):
+            out[str(key)] = value
+            continue
         try:
             out[str(key)] = float(value)
         except (TypeError, ValueError) as error:
@@ -169,7 +179,8 @@ def _as_floats(name: str, values) -> dict[str, float]:
 
 def evaluate_features(bank: FeatureSet, query: FeatureSet, metrics: Iterable[str],
                       settings: MetricSettings | None = None, novel: FeatureSet | None = None,
-                      reference: FeatureSet | None = None, on_error: str = "raise") -> dict[str, float]:
+                      reference: FeatureSet | None = None, on_error: str = "raise",
+                      per_query: dict | None = None) -> dict[str, float]:
     """Every requested metric of one (bank, query) pair of feature sets, as one flat ``{name: float}``.
 
     kNN and the linear probe learn from the bank and are scored on the queries; k-means, few-shot and the
@@ -177,7 +188,13 @@ def evaluate_features(bank: FeatureSet, query: FeatureSet, metrics: Iterable[str
     at fit start (drift metrics). ``on_error="warn"`` skips a metric whose data cannot support it (a
     ``ValueError``, e.g. too few samples per class for an episode) with a warning naming it, instead of losing
     the others. Two metrics returning the same key is an error.
+
+    Accuracy-like values come with a 95% percentile bootstrap interval over the queries as ``<key>_ci_low`` /
+    ``<key>_ci_high`` (``settings.bootstrap_n`` resamples, seeded; 0 turns them off). Pass a dict as
+    ``per_query`` to receive their per-query vectors (``geometry.stats.PerQuery``) for paired comparisons.
     """
+    from geometry.stats import PerQuery, with_intervals
+
     if on_error not in ("raise", "warn"):
         raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
     settings = MetricSettings() if settings is None else settings
@@ -194,7 +211,7 @@ def evaluate_features(bank: FeatureSet, query: FeatureSet, metrics: Iterable[str
             kwargs[keyword] = available[keyword]
         else:
             try:
-                values = _as_floats(name, metric(bank, query, settings, **kwargs))
+                values = _checked(name, metric(bank, query, settings, **kwargs))
             except ValueError as error:
                 if on_error == "raise":
                     raise
@@ -204,4 +221,6 @@ def evaluate_features(bank: FeatureSet, query: FeatureSet, metrics: Iterable[str
             if clash:
                 raise ValueError(f"metric {name!r} returns keys {clash} that another metric already returned")
             out.update(values)
-    return out
+    if per_query is not None:
+        per_query.update({key: value for key, value in out.items() if isinstance(value, PerQuery)})
+    return with_intervals(out, settings.bootstrap_n, settings.bootstrap_level, settings.seed)

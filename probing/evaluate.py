@@ -35,7 +35,7 @@ def check_metrics(metrics: list[str], what: str = "metrics") -> list[str]:
 
 
 def layer_metrics(splits: dict[str, dict[str, dict]], layer: str, metrics: list[str], settings: MetricSettings,
-                  where: str = "") -> dict[str, float]:
+                  where: str = "", per_query: dict | None = None) -> dict[str, float]:
     """Suite metrics of one layer: bank = the train split, queries = the query split, novel if extracted.
 
     One call per metric, so a metric the data cannot support (e.g. 10-shot episodes with 12 samples per
@@ -46,7 +46,7 @@ def layer_metrics(splits: dict[str, dict[str, dict]], layer: str, metrics: list[
     for metric in (m for m in metrics if m not in PROBE_ONLY_METRICS):
         try:
             out.update(evaluate_features(splits["train"][layer], splits["query"][layer], [metric], settings,
-                                         novel=novel))
+                                         novel=novel, per_query=per_query))
         except ValueError as error:
             log.warning("%s skipped on %s, layer %s: %s", metric, where, layer, error)
     return out
@@ -66,8 +66,12 @@ def cka_matrix(features: list[torch.Tensor], debiased: bool) -> list[list[float]
 
 
 def evaluate(features: dict[str, dict[str, dict]], metrics: list[str], block_metrics: list[str],
-             settings: MetricSettings, cka_debiased: bool) -> tuple[list[dict], dict[str, Any]]:
+             settings: MetricSettings, cka_debiased: bool,
+             per_query: dict | None = None) -> tuple[list[dict], dict[str, Any]]:
     """All rows and the CKA matrices from ``features[backbone][dataset][split][layer]`` (feature dicts).
+
+    ``per_query`` (a dict), when given, receives ``{(backbone, dataset): {metric: PerQuery}}`` of the final
+    embedding, for :func:`paired_comparisons`.
 
     k-means uses as many clusters as the query split has classes (not the dataset's ``num_classes``, which
     counts the held-out novel sub-classes of the synthetic data too).
@@ -79,7 +83,10 @@ def evaluate(features: dict[str, dict[str, dict]], metrics: list[str], block_met
             layers = list(splits["query"])
             for layer in layers:
                 wanted = metrics if layer == FINAL_LAYER else block_metrics
-                values = layer_metrics(splits, layer, wanted, settings, where=f"{backbone} / {dataset}")
+                keep = per_query.setdefault((backbone, dataset), {}) \
+                    if per_query is not None and layer == FINAL_LAYER else None
+                values = layer_metrics(splits, layer, wanted, settings, where=f"{backbone} / {dataset}",
+                                       per_query=keep)
                 rows += [row(backbone, dataset, layer, name, value) for name, value in values.items()]
             if "cka" in block_metrics and len(layers) > 1:
                 matrix = cka_matrix([splits["query"][layer]["embedding"] for layer in layers], cka_debiased)
@@ -109,3 +116,89 @@ def backbone_cka(features: dict, debiased: bool, section: dict) -> list[dict]:
         rows += [row(a, dataset, FINAL_LAYER, "cka_backbones", matrix[i][j], against=b)
                  for i, a in enumerate(have) for j, b in enumerate(have) if i != j]
     return rows
+
+
+def paired_comparisons(per_query: dict, features: dict, pairs: list[tuple[str, str]],
+                       settings: MetricSettings) -> list[dict]:
+    """Rows comparing backbone a with backbone b on the same queries of each dataset (final embedding): per
+    accuracy ``<m>_diff`` (a - b), its paired bootstrap interval ``<m>_diff_ci_low`` / ``_high`` and, for 0/1
+    correctness, the exact McNemar p ``<m>_mcnemar_p``; ``backbone`` = a, ``against`` = b."""
+    from geometry.stats import PerQuery, mcnemar_p, paired_bootstrap_ci
+
+    rows = []
+    for a, b in pairs:
+        for dataset in features.get(a, {}):
+            if dataset not in features.get(b, {}):
+                continue
+            if not same_samples(features[a][dataset]["query"][FINAL_LAYER], features[b][dataset]["query"][FINAL_LAYER]):
+                log.warning("comparison %s vs %s on %s skipped: different query samples", a, b, dataset)
+                continue
+            mine, theirs = per_query.get((a, dataset), {}), per_query.get((b, dataset), {})
+            for metric in sorted(set(mine) & set(theirs)):
+                x, y = mine[metric], theirs[metric]
+                if type(x) is not PerQuery or type(y) is not PerQuery:
+                    continue  # balanced accuracy: not a per-query mean
+                rows.append(row(a, dataset, FINAL_LAYER, f"{metric}_diff", float(x) - float(y), against=b))
+                if settings.bootstrap_n > 0:
+                    low, high = paired_bootstrap_ci(x.values, y.values, n_boot=settings.bootstrap_n,
+                                                    level=settings.bootstrap_level, seed=settings.seed)
+                    rows += [row(a, dataset, FINAL_LAYER, f"{metric}_diff_ci_low", low, against=b),
+                             row(a, dataset, FINAL_LAYER, f"{metric}_diff_ci_high", high, against=b)]
+                if x.values.dtype == torch.bool:
+                    rows.append(row(a, dataset, FINAL_LAYER, f"{metric}_mcnemar_p",
+                                    mcnemar_p(x.values, y.values), against=b))
+    return rows
+
+
+def similarity_matrices(features: dict, names: list[str], settings: MetricSettings, layers: bool) -> tuple[
+        list[dict], dict[str, Any]]:
+    """Calibrated similarity matrices of the query features: backbone x backbone (final embedding) per dataset
+    and, with ``layers``, layer x layer per backbone and dataset, for every registered similarity in ``names``.
+
+    Each entry is scored against ``settings.calibration_permutations`` row permutations (seeded): rows
+    ``<name>_backbones`` / ``<name>_layers`` (the raw score), ``..._calibrated`` and ``..._p`` with ``against`` the
+    other side. Backbone pairs are calibrated pair by pair; a layer x layer matrix against the max over its
+    layer pairs (``geometry.calibration.calibrate_layers``), so its p-values are family-wise.
+    """
+    from geometry.calibration import calibrate, calibrate_layers
+
+    rows: list[dict] = []
+    section: dict[str, Any] = {"permutations": settings.calibration_permutations, "backbones": {}, "layers": {}}
+    kwargs = {"n_permutations": settings.calibration_permutations, "seed": settings.seed}
+    datasets = list(dict.fromkeys(d for per in features.values() for d in per))
+    for name in names:
+        extra = {"k": settings.similarity_k} if name in ("mutual_knn", "cknna") else {}
+        for dataset in datasets:
+            have = [b for b in features if dataset in features[b]]
+            sets = [features[b][dataset]["query"][FINAL_LAYER] for b in have]
+            if len(have) > 1 and all(same_samples(sets[0], other) for other in sets[1:]):
+                entry = {"backbones": have, "scores": [], "calibrated": [], "p_values": []}
+                for i, a in enumerate(have):
+                    cells = [calibrate(name, sets[i]["embedding"].float(), sets[j]["embedding"].float(),
+                                       **kwargs, **extra) for j in range(len(have))]
+                    entry["scores"].append([c["score"] for c in cells])
+                    entry["calibrated"].append([c["calibrated"] for c in cells])
+                    entry["p_values"].append([c["p_value"] for c in cells])
+                    for j, b in enumerate(have):
+                        if i != j:
+                            rows += [row(a, dataset, FINAL_LAYER, f"{name}_backbones{suffix}", cells[j][key], against=b)
+                                     for suffix, key in (("", "score"), ("_calibrated", "calibrated"),
+                                                         ("_p", "p_value"))]
+                section["backbones"].setdefault(name, {})[dataset] = entry
+            for backbone in have if layers else []:
+                per_layer = features[backbone][dataset]["query"]
+                if len(per_layer) < 2:
+                    continue
+                names_ = list(per_layer)
+                xs = [per_layer[layer]["embedding"].float() for layer in names_]
+                result = calibrate_layers(name, xs, xs, **kwargs, **extra)
+                section["layers"].setdefault(name, {}).setdefault(backbone, {})[dataset] = {
+                    "layers": names_, "scores": result["scores"], "calibrated": result["calibrated_scores"],
+                    "p_values": result["p_values"]}
+                for i, a in enumerate(names_):
+                    for j, b in enumerate(names_):
+                        if i != j:
+                            rows += [row(backbone, dataset, a, f"{name}_layers{suffix}", result[key][i][j], against=b)
+                                     for suffix, key in (("", "scores"), ("_calibrated", "calibrated_scores"),
+                                                         ("_p", "p_values"))]
+    return rows, section

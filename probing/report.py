@@ -27,7 +27,7 @@ def row(backbone: str, dataset: str, layer: str, metric: str, value: float, agai
 def is_headline(metric: str) -> bool:
     """Metrics worth a table line, a bar chart and a layer curve: not CIs, top-5, CKA pairs, the synthetic-vs-real
     report (its own table) or the two distances behind a ratio (the ratio is shown)."""
-    return not (metric.endswith(("_ci95", "_same_super", "_other_super", "_samples"))
+    return not (metric.endswith(("_ci95", "_ci_low", "_ci_high", "_same_super", "_other_super", "_samples"))
                 or metric.startswith(("knn_top5", "cka_", "synth_")))
 
 
@@ -61,6 +61,15 @@ def _format(value: float, ci: float | None = None) -> str:
     return f"{value:.4f}" if ci is None else f"{value:.4f} ± {ci:.3f}"
 
 
+def half_width(values: dict, metric: str) -> float | None:
+    """The ± of ``metric`` in ``values`` (keyed by metric name): few-shot's episode CI, else half the bootstrap
+    interval ``<metric>_ci_low`` .. ``<metric>_ci_high`` when it is there."""
+    if metric.startswith("fewshot") and metric.endswith("_acc"):
+        return values.get(metric.replace("_acc", "_ci95"))
+    low, high = values.get(f"{metric}_ci_low"), values.get(f"{metric}_ci_high")
+    return None if low is None or high is None else (high - low) / 2
+
+
 def final_table(rows: list[dict[str, Any]], backbones: list[str], title: str = "fmprobe: frozen-feature probing"):
     """A Rich table: one line per (dataset, metric) at the final layer, one column per backbone."""
     from rich.table import Table
@@ -72,6 +81,9 @@ def final_table(rows: list[dict[str, Any]], backbones: list[str], title: str = "
     table.add_column("metric", overflow="fold")
     for name in backbones:
         table.add_column(name, justify="right", overflow="fold")
+    by_cell: dict[tuple[str, str], dict[str, float]] = {}
+    for (dataset, metric, name), value in final.items():
+        by_cell.setdefault((dataset, name), {})[metric] = value
     seen = []
     for dataset, metric, _ in final:
         if is_headline(metric) and (dataset, metric) not in seen:
@@ -80,7 +92,7 @@ def final_table(rows: list[dict[str, Any]], backbones: list[str], title: str = "
         cells = []
         for name in backbones:
             value = final.get((dataset, metric, name))
-            ci = final.get((dataset, metric.replace("_acc", "_ci95"), name)) if metric.startswith("fewshot") else None
+            ci = half_width(by_cell.get((dataset, name), {}), metric)
             cells.append(_format(value, ci) if value is not None else "-")
         table.add_row(dataset, metric, *cells)
     return table

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,8 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
     for dataset in datasets:
         dataset.datamodule_class()  # a missing dataset module fails now, before any extraction
     pairs = check_pairs(cfg.synthetic_vs_real, [d.label for d in datasets])
+    if cfg.compare:
+        compare_pairs(cfg.compare, [b.id for b in backbones])  # a bad pair fails now, before any extraction
     cfg.precision = normalise_precision(cfg.precision)
 
     is_rank_zero = rank_zero_only.rank == 0
@@ -117,7 +120,20 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
     if not is_rank_zero:
         return {}
 
-    rows, cka_section = evaluate(features, metrics, block_metrics, settings, cfg.cka_debiased)
+    per_query: dict = {}
+    rows, cka_section = evaluate(features, metrics, block_metrics, settings, cfg.cka_debiased, per_query)
+    if cfg.similarities:
+        from probing.evaluate import similarity_matrices
+
+        similarity_rows, similarity_section = similarity_matrices(features, cfg.similarities, settings,
+                                                                  layers=cfg.layers != "final")
+        rows += similarity_rows
+        cka_section["similarities"] = similarity_section  # results.json section "cka" holds every similarity matrix
+    if cfg.compare:
+        from probing.evaluate import paired_comparisons
+
+        rows += paired_comparisons(per_query, features, compare_pairs(cfg.compare, [b.id for b in backbones]),
+                                   settings)
     cka_section["split"] = query_splits
     comparisons, tables = [], []
     if pairs:
@@ -152,6 +168,18 @@ def check_before_work(backbones, run_dir: Path) -> None:
         raise ValueError(f"cannot write the probe's results to {run_dir} ({problem}); choose another --runs_dir")
 
 
+def compare_pairs(compare: list[list[str]], backbones: list[str]) -> list[tuple[str, str]]:
+    """``--compare`` as (a, b) pairs of backbone labels; ``[[all]]``: every backbone against the first."""
+    if compare == [["all"]]:
+        return [(other, backbones[0]) for other in backbones[1:]]
+    pairs = []
+    for pair in compare:
+        if len(pair) != 2 or any(name not in backbones for name in pair):
+            raise ValueError(f"--compare takes pairs of backbone labels among {backbones} (or [[all]]), got {pair}")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
 def check_pairs(pairs: list[dict[str, str]] | None, labels: list[str]) -> list[tuple[str, str]]:
     checked = []
     for pair in pairs or []:
@@ -166,14 +194,16 @@ def check_pairs(pairs: list[dict[str, str]] | None, labels: list[str]) -> list[t
 
 def draw_plots(out_dir: Path, rows, cka_section, features, modules, pairs, cfg, settings) -> list[Path]:
     from probing import plots
+    from report.figures import map_method
 
     paths = []
     if cfg.embedding_map != "none":
-        method = plots.map_method(cfg.embedding_map)
+        method = map_method(cfg.embedding_map)
         for backbone, per_dataset in features.items():
             for dataset, splits in per_dataset.items():
                 paths.append(plots.embedding_map(out_dir, backbone, dataset, splits, modules[dataset],
-                                                 "query", method, settings.seed))
+                                                 "query", method, settings.seed,
+                                                 split_name=cka_section.get("split", {}).get(dataset)))
             for real, synthetic in pairs:
                 paths.append(plots.synthetic_real_map(
                     out_dir, backbone, real, synthetic, per_dataset[real], per_dataset[synthetic],
@@ -201,6 +231,11 @@ def finish(run_dir: Path, rows, config, versions, cka_section, comparisons, tabl
         plots=[str(p) for p in plot_paths],
         seconds={"extraction": round(extraction_seconds, 2), "total": round(time.time() - started, 2)},
     )
+    from probing.report import is_headline, lower_is_better
+    from report.html import update_run_report
+
+    page = update_run_report(run_dir, json.loads(json_path.read_text()), is_headline=is_headline,
+                             lower_is_better=lower_is_better)
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs: no folding at 80 columns
     console.print(final_table(rows, backbone_ids))
     if any(r["layer"] != "final" for r in rows):
@@ -212,5 +247,7 @@ def finish(run_dir: Path, rows, config, versions, cka_section, comparisons, tabl
     console.print(f"results       : {csv_path.resolve()}\n                {json_path.resolve()}")
     if plot_paths:
         console.print(f"plots         : {len(plot_paths)} PNGs in {(run_dir / 'plots').resolve()}")
+    if page:
+        console.print(f"report        : {page.resolve()}")
     return {"run_dir": run_dir, "rows": rows, "plots": plot_paths, "cache": stats,
             "extraction_calls": runner.calls, "results_json": json_path, "results_csv": csv_path}

@@ -1,6 +1,8 @@
-"""Figures as matplotlib objects, drawn from plain tensors: no Lightning, no logger.
+"""Figures as matplotlib objects, drawn from plain tensors and rows: no Lightning, no logger.
 
-Callbacks publish them with ``callbacks.plots.log_figure``; probe.py saves them with ``report.io.atomic_save_figure``.
+Every figure follows ``report.style`` (labelled axes and colour bars, integer block / epoch ticks, the split and
+sample count in embedding-map titles, legends outside the data). Callbacks publish them with
+``callbacks.plots.log_figure``; probe.py saves them with ``report.io.atomic_save_figure``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,33 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+
+from report.style import (  # noqa: E402
+    CKA_LABEL,
+    figure_style,
+    integer_ticks,
+    label_cells,
+    labelled_colorbar,
+    legend_outside,
+    metric_label,
+    split_title,
+)
+
+#: Class legends list names up to this many classes (beyond it the colours repeat and a legend misleads).
+MAX_LEGEND_CLASSES = 20
+
+
+def map_method(requested: str) -> str:
+    """``auto``: UMAP when ``umap-learn`` is installed, else PCA; ``pca`` / ``umap`` as asked."""
+    if requested not in ("auto", "pca", "umap"):
+        raise ValueError(f"embedding map method must be 'auto', 'pca' or 'umap', got {requested!r}")
+    if requested != "auto":
+        return requested
+    try:
+        import umap  # noqa: F401
+    except ImportError:
+        return "pca"
+    return "umap"
 
 
 def project_2d(x: torch.Tensor, method: str = "pca", seed: int = 0) -> torch.Tensor:
@@ -27,40 +56,137 @@ def project_2d(x: torch.Tensor, method: str = "pca", seed: int = 0) -> torch.Ten
         raise ValueError(f"method must be 'pca' or 'umap', got {method!r}")
     centred = x - x.mean(0, keepdim=True)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
-    return centred @ v[:2].T
+    # An SVD's signs are arbitrary: fix them (largest loading positive) so reruns draw the same picture.
+    components = v[:2] * torch.sign(v[:2].gather(1, v[:2].abs().argmax(1, keepdim=True)))
+    return centred @ components.T
+
+
+def _class_colours(labels: torch.Tensor):
+    """One fixed colour per label value (tab20, cycling), the same in every panel of a figure."""
+    palette = plt.get_cmap("tab20")
+    return [palette(int(v) % 20) for v in labels.tolist()]
+
+
+def _scatter_panel(axis, points: torch.Tensor, labels: torch.Tensor, title: str) -> None:
+    axis.scatter(points[:, 0].numpy(), points[:, 1].numpy(), c=_class_colours(labels), s=6, alpha=0.8,
+                 linewidths=0)
+    axis.set_title(title)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.set_xlabel("component 1")
+    axis.set_ylabel("component 2")
+
+
+def _class_legend(axis, labels: torch.Tensor, names: list[str] | None, what: str) -> None:
+    present = sorted(set(labels.tolist()))
+    if len(present) > MAX_LEGEND_CLASSES:
+        axis.text(1.02, 0.5, f"{len(present)} {what} values\n(colours repeat)", transform=axis.transAxes,
+                  fontsize=7, va="center")
+        return
+    palette = plt.get_cmap("tab20")
+    for value in present:
+        name = names[value] if names and value < len(names) else str(value)
+        axis.scatter([], [], color=palette(value % 20), s=14, label=name)
+    legend_outside(axis, title=what, fontsize=7, markerscale=1.0,
+                   ncol=2 if len(present) > 12 else 1)
 
 
 def embedding_map_figure(points: torch.Tensor, colours: dict[str, torch.Tensor], title: str,
-                         names: dict[str, list[str] | None] | None = None):
-    """One scatter panel per colouring (e.g. class, super-class) of 2-D points."""
+                         names: dict[str, list[str] | None] | None = None, split: str | None = None):
+    """One scatter panel per colouring (e.g. class, super-class) of 2-D points; the title says the split
+    and the number of points shown."""
     names = names or {}
-    figure, axes = plt.subplots(1, len(colours), figsize=(5.5 * len(colours), 5), squeeze=False)
-    for axis, (what, labels) in zip(axes[0], colours.items()):
-        scatter = axis.scatter(points[:, 0], points[:, 1], c=labels.numpy(), cmap="tab20", s=6, alpha=0.8)
-        axis.set_title(f"{title}: by {what}")
-        axis.set_xticks([])
-        axis.set_yticks([])
-        label_names = names.get(what)
-        if label_names and len(label_names) <= 20:
-            handles, _ = scatter.legend_elements(num=None)
-            present = sorted(set(labels.tolist()))
-            axis.legend(handles, [label_names[i] for i in present], fontsize=6, loc="best", markerscale=0.8)
-    figure.tight_layout()
+    with figure_style():
+        figure, axes = plt.subplots(1, len(colours), figsize=(6.2 * len(colours), 5), squeeze=False)
+        for axis, (what, labels) in zip(axes[0], colours.items()):
+            _scatter_panel(axis, points, labels, f"coloured by {what}")
+            _class_legend(axis, labels, names.get(what), what)
+        figure.suptitle(split_title(title, split, len(points)))
+        figure.tight_layout()
     return figure
 
 
-def cka_heatmap(matrix: torch.Tensor, title: str, xlabel: str, ylabel: str, xticks=None, yticks=None):
-    figure, axis = plt.subplots(figsize=(1.0 + 0.45 * matrix.shape[1], 1.0 + 0.4 * matrix.shape[0]))
-    image = axis.imshow(matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    axis.set_title(title)
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel(ylabel)
-    if xticks is not None:
-        axis.set_xticks(range(len(xticks)), xticks, fontsize=7)
-    if yticks is not None:
-        axis.set_yticks(range(len(yticks)), yticks, fontsize=7)
-    figure.colorbar(image, ax=axis, fraction=0.046)
-    figure.tight_layout()
+def embedding_change_figure(before: torch.Tensor, after: torch.Tensor, colours: dict[str, torch.Tensor],
+                            method: str, split: str | None = None, names: dict[str, list[str] | None] | None = None,
+                            before_title: str = "before training", after_title: str = "after training"):
+    """The same samples' 2-D maps before and after training side by side: a row per colouring (class,
+    super-class). Each panel is its own projection (the axes of two PCAs are not comparable; the clusters are)."""
+    names = names or {}
+    with figure_style():
+        figure, axes = plt.subplots(len(colours), 2, figsize=(11.5, 4.6 * len(colours)), squeeze=False)
+        for row, (what, labels) in enumerate(colours.items()):
+            _scatter_panel(axes[row][0], before, labels, f"{before_title}, by {what}")
+            _scatter_panel(axes[row][1], after, labels, f"{after_title}, by {what}")
+            _class_legend(axes[row][1], labels, names.get(what), what)
+        figure.suptitle(split_title(f"{method.upper()} of the query embeddings", split, len(before)))
+        figure.tight_layout()
+    return figure
+
+
+def metric_families(metrics: list[str]) -> dict[str, list[str]]:
+    """Metrics grouped for one panel each: ``knn_top1@10`` and ``knn_top1@20`` share the ``knn_top1`` panel."""
+    families: dict[str, list[str]] = {}
+    for metric in metrics:
+        families.setdefault(metric.split("@")[0], []).append(metric)
+    return families
+
+
+def metric_curves_figure(history: list[dict], title: str = "embedding geometry during training",
+                         split: str | None = None, skip: tuple[str, ...] = ("epoch", "step", "seconds")):
+    """Metric vs epochs trained, one panel per metric family, from GeometryEval's rows (``epoch`` -1 is the
+    initial measurement, drawn at 0 and ticked ``init``; epoch e is drawn at e + 1 = epochs trained)."""
+    rows = sorted(history, key=lambda r: r["epoch"])
+    counts = {k: rows[-1][k] for k in ("n_bank", "n_query") if rows and k in rows[-1]}
+    metrics = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in skip and k not in counts
+               and isinstance(rows[-1].get(k), int | float)]
+    families = metric_families(metrics)
+    first, last = (rows[0]["epoch"] + 1, rows[-1]["epoch"] + 1) if rows else (0, 0)
+    with figure_style():
+        columns = max(1, min(3, len(families)))
+        lines = max(1, -(-len(families) // columns))
+        figure, axes = plt.subplots(lines, columns, figsize=(4.3 * columns, 3.3 * lines), squeeze=False)
+        for axis, (family, members) in zip(axes.flat, families.items()):
+            for metric in members:
+                points = [(r["epoch"] + 1, r[metric]) for r in rows if isinstance(r.get(metric), int | float)]
+                if points:
+                    x, y = zip(*points)
+                    label = metric[len(family) + 1:] if len(members) > 1 else None
+                    axis.plot(x, y, marker="o", markersize=4, label=f"@{label}" if label else None)
+            axis.set_title(family)
+            axis.set_xlabel("epochs trained (0 = init)")
+            axis.set_ylabel(metric_label(family))
+            axis.grid(True)
+            integer_ticks(axis, "x")
+            ticks = [t for t in axis.get_xticks() if float(t).is_integer() and first <= t <= last]
+            axis.set_xticks(ticks, ["init" if t == 0 else str(int(t)) for t in ticks])
+            if len(members) > 1:
+                legend_outside(axis, title="k")
+        for axis in list(axes.flat)[len(families):]:
+            axis.axis("off")
+        sizes = ", ".join(f"{k[2:]} n = {v}" for k, v in counts.items())
+        figure.suptitle(split_title(title, split) + (f" ({sizes})" if sizes else ""))
+        figure.tight_layout()
+    return figure
+
+
+def cka_heatmap(matrix: torch.Tensor, title: str, xlabel: str, ylabel: str, xticks=None, yticks=None,
+                colorbar_label: str = CKA_LABEL):
+    """A CKA matrix (values in [0, 1]) with a labelled colour bar, whole-number ticks and values in the cells
+    when they fit."""
+    with figure_style():
+        figure, axis = plt.subplots(figsize=(2.2 + 0.45 * matrix.shape[1], 1.4 + 0.4 * matrix.shape[0]))
+        image = axis.imshow(matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        axis.set_title(title)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        integer_ticks(axis, "both")
+        if xticks is not None:
+            axis.set_xticks(range(len(xticks)), xticks, fontsize=7)
+        if yticks is not None:
+            axis.set_yticks(range(len(yticks)), yticks, fontsize=7)
+        label_cells(axis, matrix.tolist())
+        labelled_colorbar(figure, image, axis, colorbar_label)
+        figure.tight_layout()
     return figure
 
 
@@ -69,18 +195,16 @@ def accuracy_matrix_figure(matrix: list[list[float | None]], title: str = "accur
     values = torch.tensor([[math.nan if v is None else v for v in row] for row in matrix],
                           dtype=torch.float64)
     size = len(matrix)
-    figure, axis = plt.subplots(figsize=(1.6 + 0.6 * size, 1.2 + 0.55 * size))
-    image = axis.imshow(values.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
-    for i in range(size):
-        for j in range(size):
-            if not math.isnan(values[i, j]):
-                axis.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                          color="white" if values[i, j] < 0.6 else "black")
-    axis.set_xticks(range(size))
-    axis.set_yticks(range(size))
-    axis.set_xlabel("tested on experience j")
-    axis.set_ylabel("after training experience i")
-    axis.set_title(title)
-    figure.colorbar(image, ax=axis, fraction=0.046)
-    figure.tight_layout()
+    with figure_style():
+        figure, axis = plt.subplots(figsize=(2.4 + 0.6 * size, 1.4 + 0.55 * size))
+        image = axis.imshow(values.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
+        label_cells(axis, values.tolist())
+        axis.set_xticks(range(size))
+        axis.set_yticks(range(size))
+        axis.set_xlabel("tested on experience j")
+        axis.set_ylabel("after training experience i")
+        axis.set_title(title)
+        labelled_colorbar(figure, image, axis, "accuracy (fraction, 0-1)")
+        figure.tight_layout()
     return figure
+

@@ -58,6 +58,7 @@ def test_nonfinite_loss_names_epoch_and_batch():
         module.check_finite(torch.tensor(float("nan")), batch_idx=7)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skip_policy_skips_the_step(tmp_path):
     class Exploding(ClassifierModule):
         def training_step(self, batch, batch_idx):
@@ -134,6 +135,7 @@ def test_unknown_config_key_is_an_error(capsys):
     assert "no_such_knob" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_identical_metrics(tmp_path):
     results = []
     for name in ("a", "b"):
@@ -145,6 +147,7 @@ def test_same_config_and_seed_give_identical_metrics(tmp_path):
     assert len(results[0][1]) == 3
 
 
+@pytest.mark.slow
 def test_results_json_survives_sigkill_during_writes(tmp_path):
     """A writer rewrites results.json as fast as it can; SIGKILL at random moments never leaves a torn file."""
     target = tmp_path / "results.json"
@@ -167,6 +170,7 @@ def test_results_json_survives_sigkill_during_writes(tmp_path):
     assert target.exists()
 
 
+@pytest.mark.slow
 def test_freeze_norm_stats_keeps_batchnorm_statistics_while_weights_train():
     module = ClassifierModule(num_classes=3, backbone="resnet50", weights="random", image_size=32,
                               backbone_overrides={"layers": [1, 1, 1, 1], "base_width": 16}, freeze_norm_stats=True)

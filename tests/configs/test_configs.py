@@ -126,6 +126,7 @@ def test_every_config_is_discovered():
     assert {"quickstart.yaml", "synthetic_probe.yaml", "digits_diet.yaml", "convnext_vggface2_finetune.yaml"} <= names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_path, extra", VARIANTS,
                          ids=[p.stem + ("-" + "-".join(e[1::2]) if e else "") for p, e in VARIANTS])
 def test_config_runs_one_fast_dev_step(config_path, extra, tmp_path):

@@ -16,6 +16,8 @@ from fakes import one_torch_thread, write_cifar100, write_cub_official  # noqa: 
 
 import train
 
+pytestmark = pytest.mark.slow  # continual fits, resume and DDP
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("continual_*.yaml"))
 

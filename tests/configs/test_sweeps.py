@@ -9,6 +9,8 @@ import yaml
 
 import train
 
+pytestmark = pytest.mark.slow  # a fast_dev_run fit per sweep
+
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
 

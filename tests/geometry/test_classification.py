@@ -13,11 +13,11 @@ from geometry.classification import (
     multilabel_accuracy,
     multilabel_macro_auc,
     per_class_accuracy,
-    per_class_results,
     per_label_auc,
 )
 from geometry.knn import knn_class_scores, knn_metrics, knn_multilabel_scores, knn_predict, knn_topk_accuracy
 from geometry.linear_probe import linear_metrics, linear_probe, multilabel_linear_probe
+from geometry.per_class import per_class_results
 from geometry.suite import MetricSettings
 
 
@@ -160,13 +160,13 @@ def test_suite_knn_and_probe_add_balanced_accuracy_and_auc():
     xt, yt = imbalanced(300, seed=1)
     bank, query = feature_set(x, y), feature_set(xt, yt)
     settings = MetricSettings(knn_ks=(5, 20), probe_l2_grid=(1e-3, 1e-1))
-    knn = knn_metrics(bank, query, settings)
+    knn = {key: float(value) for key, value in knn_metrics(bank, query, settings).items()}
     topk = knn_topk_accuracy(bank["embedding"], y, query["embedding"], yt, ks=(5, 20))
     predicted = knn_predict(bank["embedding"], y, query["embedding"], ks=(5, 20))
     for k in (5, 20):
         assert knn[f"knn_top1@{k}"] == topk[1][k] and knn[f"knn_top5@{k}"] == topk[5][k]
         assert knn[f"knn_balanced@{k}"] == pytest.approx(balanced_accuracy_score(yt, predicted[k].numpy()), abs=1e-12)
-    linear = linear_metrics(bank, query, settings)
+    linear = {key: float(value) for key, value in linear_metrics(bank, query, settings).items()}
     fit = linear_probe(x, y, xt, yt, l2_grid=(1e-3, 1e-1), return_probabilities=True)
     assert linear["linear_probe_acc"] == fit["accuracy"]
     assert linear["linear_probe_balanced_acc"] == pytest.approx(
@@ -184,12 +184,12 @@ def test_suite_knn_and_probe_score_multilabel_data():
     x, y, xt, yt = multilabel(500, 200, 4, threshold=1.0)
     bank, query = feature_set(x, y), feature_set(xt, yt)
     settings = MetricSettings(knn_ks=(10,), probe_l2_grid=(1e-3,))
-    knn = knn_metrics(bank, query, settings)
+    knn = {key: float(value) for key, value in knn_metrics(bank, query, settings).items()}
     scores = knn_multilabel_scores(bank["embedding"], y, query["embedding"], ks=(10,))[10].numpy()
     assert sorted(knn) == ["knn_auc@10", "knn_label_acc@10"]
     assert knn["knn_auc@10"] == pytest.approx(roc_auc_score(yt, scores, average="macro"), abs=1e-6)
     assert knn["knn_label_acc@10"] == pytest.approx(np.mean((scores > 0.5) == yt), abs=1e-12)
-    linear = linear_metrics(bank, query, settings)
+    linear = {key: float(value) for key, value in linear_metrics(bank, query, settings).items()}
     assert sorted(linear) == ["linear_probe_auc", "linear_probe_label_acc"]
     assert linear["linear_probe_auc"] > 0.8 and knn["knn_auc@10"] > 0.7
     per_label = per_class_results(bank, query, settings, probe=False)

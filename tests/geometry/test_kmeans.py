@@ -17,6 +17,7 @@ def blobs():
     return (x + 50.0).astype(np.float32), y
 
 
+@pytest.mark.slow
 def test_matches_sklearn_kmeans_on_separated_blobs(blobs):
     x, y = blobs
     labels, centroids, inertia = kmeans(torch.from_numpy(x), 8, n_init=10, seed=0)
@@ -42,6 +43,7 @@ def test_outputs_are_a_consistent_lloyd_fixed_point(blobs):
         torch.testing.assert_close(centroids[c], xt[labels == c].mean(dim=0))
 
 
+@pytest.mark.slow
 def test_restarts_keep_the_lowest_inertia():
     # Many small clusters: single k-means++ runs get stuck in different local minima.
     x, _ = make_blobs(n_samples=600, centers=30, n_features=2, cluster_std=0.6, random_state=3)

@@ -30,6 +30,7 @@ def standardize(train, other):
     return (train - mean) / std, (other - mean) / std
 
 
+@pytest.mark.slow
 def test_single_fit_matches_sklearn_with_documented_c_mapping(split):
     train_x, train_y, test_x, _ = split
     x, xt = standardize(train_x, test_x)
@@ -42,6 +43,7 @@ def test_single_fit_matches_sklearn_with_documented_c_mapping(split):
     np.testing.assert_allclose(heads.weight[0].numpy(), ref.coef_.T, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_stacked_heads_equal_separate_fits(split):
     train_x, train_y, _, _ = split
     x = torch.from_numpy(standardize(train_x, train_x)[0])
@@ -54,6 +56,7 @@ def test_stacked_heads_equal_separate_fits(split):
         torch.testing.assert_close(stacked.logits(x)[g], alone.logits(x)[0], atol=2e-3, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_float32_sweep_probe_within_one_percent_of_sklearn(split):
     train_x, train_y, test_x, test_y = split
     tensors = [torch.from_numpy(a) for a in split]
@@ -69,6 +72,7 @@ def test_float32_sweep_probe_within_one_percent_of_sklearn(split):
     assert linear_probe_accuracy(*tensors, seed=0) == result["accuracy"]
 
 
+@pytest.mark.slow
 def test_l2_is_chosen_without_looking_at_the_test_set(split):
     tensors = [torch.from_numpy(a) for a in split]
     grid = [1e-6, 1e-3, 1e-1, 10.0]
@@ -82,6 +86,7 @@ def test_l2_is_chosen_without_looking_at_the_test_set(split):
     assert poisoned["accuracy"] < clean["accuracy"] - 0.3
 
 
+@pytest.mark.slow
 def test_seeded_and_label_values_preserved(split):
     train_x, train_y, test_x, test_y = split
     args = (torch.from_numpy(train_x), torch.from_numpy(train_y * 10 + 3), torch.from_numpy(test_x),

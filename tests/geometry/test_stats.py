@@ -8,8 +8,8 @@ import torch
 from scipy.stats import binomtest
 from sklearn.metrics import balanced_accuracy_score
 
+from geometry.classification import balanced_accuracy
 from geometry.stats import (
-    balanced_accuracy,
     balanced_accuracy_ci,
     bootstrap_ci,
     bootstrap_indices,
@@ -137,3 +137,33 @@ def test_inputs_are_checked():
         bootstrap_ci(torch.ones(0))
     with pytest.raises(ValueError, match="1-D"):
         mcnemar_p(torch.ones(3, 2), torch.ones(3, 2))
+
+
+def test_balanced_accuracy_intervals_of_several_predictions_share_resamples():
+    g = torch.Generator().manual_seed(8)
+    label = torch.randint(0, 4, (300,), generator=g)
+    preds = torch.stack([torch.where(torch.rand(300, generator=g) < p, label, torch.randint(0, 4, (300,), generator=g))
+                         for p in (0.3, 0.6, 0.9)], dim=1)
+    low, high = balanced_accuracy_ci(preds, label, n_boot=300, seed=4)
+    for j in range(3):
+        one = balanced_accuracy_ci(preds[:, j], label, n_boot=300, seed=4)
+        assert (float(low[j]), float(high[j])) == pytest.approx(tuple(float(v) for v in one), abs=1e-12)
+
+
+def test_joint_intervals_equal_each_interval_alone():
+    from geometry.stats import BalancedAccuracy, PerQuery, with_intervals
+
+    g = torch.Generator().manual_seed(12)
+    label = torch.randint(0, 5, (400,), generator=g)
+    values = {"a": PerQuery(torch.rand(400, generator=g) < 0.7), "score": PerQuery(torch.rand(400, generator=g)),
+              "bal1": BalancedAccuracy(torch.randint(0, 5, (400,), generator=g), label),
+              "bal2": BalancedAccuracy(label, label), "other": PerQuery(torch.rand(50, generator=g) < 0.5)}
+    out = with_intervals(values, n_boot=300, level=0.9, seed=6)
+    for key in ("a", "score", "other"):
+        low, high = bootstrap_ci(values[key].values, n_boot=300, level=0.9, seed=6)
+        assert (out[f"{key}_ci_low"], out[f"{key}_ci_high"]) == pytest.approx((low, high), abs=1e-12)
+    for key in ("bal1", "bal2"):
+        low, high = balanced_accuracy_ci(values[key].pred, label, n_boot=300, level=0.9, seed=6)
+        assert (out[f"{key}_ci_low"], out[f"{key}_ci_high"]) == pytest.approx((low, high), abs=1e-12)
+    assert out["bal2"] == out["bal2_ci_low"] == out["bal2_ci_high"] == 1.0
+    assert with_intervals(values, n_boot=0, level=0.9, seed=6) == {k: float(v) for k, v in values.items()}

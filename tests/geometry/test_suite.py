@@ -112,7 +112,7 @@ def test_on_error_warn_keeps_the_other_metrics():
         evaluate_features(blobs(40), query, ["linear"], MetricSettings(probe_l2_grid=(-1.0,)))
     with pytest.warns(UserWarning, match="metric 'linear' skipped"):
         got = evaluate_features(blobs(40), query, ["linear", "knn"],
-                                MetricSettings(knn_ks=(5,), probe_l2_grid=(-1.0,)), on_error="warn")
+                                MetricSettings(knn_ks=(5,), probe_l2_grid=(-1.0,), bootstrap_n=0), on_error="warn")
     assert set(got) == {"knn_top1@5", "knn_top5@5", "knn_balanced@5"}
 
 
@@ -144,3 +144,28 @@ def test_settings_parse_from_the_command_line_and_yaml():
     cfg = parser.parse_args(["--settings.knn_ks", "[3, 7]", "--settings.knn_temperature", "0.1"])
     settings = parser.instantiate_classes(cfg).settings
     assert settings == MetricSettings(knn_ks=(3, 7), knn_temperature=0.1)
+
+
+def test_accuracies_carry_bootstrap_intervals_equal_to_the_stats_core():
+    from geometry.knn import knn_topk_accuracy
+    from geometry.stats import PerQuery, balanced_accuracy_ci, bootstrap_ci, mcnemar_p
+
+    bank, query = blobs(200), blobs(90, seed=4)
+    settings = MetricSettings(knn_ks=(10,), bootstrap_n=300, seed=2)
+    per_query: dict = {}
+    got = evaluate_features(bank, query, ["knn", "linear"], settings, per_query=per_query)
+    assert got["knn_top1@10"] == knn_topk_accuracy(bank["embedding"], bank["label"], query["embedding"],
+                                                   query["label"], ks=(10,), topk=(1,))[1][10]
+    for key in ("knn_top1@10", "knn_top5@10", "linear_probe_acc"):
+        low, high = bootstrap_ci(per_query[key].values, n_boot=300, seed=2)
+        assert (got[f"{key}_ci_low"], got[f"{key}_ci_high"]) == (float(low), float(high))
+        assert got[f"{key}_ci_low"] <= got[key] <= got[f"{key}_ci_high"]
+        assert float(per_query[key]) == got[key]
+    balanced = per_query["knn_balanced@10"]
+    assert (got["knn_balanced@10_ci_low"], got["knn_balanced@10_ci_high"]) == tuple(
+        float(v) for v in balanced_accuracy_ci(balanced.pred, balanced.label, n_boot=300, seed=2))
+    assert "linear_probe_auc_ci_low" not in got  # AUC is not a per-query mean: no bootstrap here
+    same = mcnemar_p(per_query["knn_top1@10"].values, per_query["knn_top1@10"].values)
+    assert same == 1.0 and isinstance(per_query["linear_probe_acc"], PerQuery)
+    assert not any(k.endswith("_ci_low") for k in evaluate_features(
+        bank, query, ["knn"], MetricSettings(knn_ks=(10,), bootstrap_n=0)))

@@ -136,7 +136,7 @@ def test_offline_pretrained_without_cache_fails_fast_and_names_the_way_out(monke
     start = time.monotonic()
     with pytest.raises(PretrainedWeightsUnavailable) as error:
         Backbone(name)
-    assert time.monotonic() - start < 5.0
+    assert time.monotonic() - start < 60.0  # a hang on network retries takes minutes; load can make 5 s
     message = str(error.value)
     assert f"'{model_id}'" in message and f"'{name}'" in message
     assert "HF_HUB_OFFLINE=1" in message and "weights: /local/path" in message

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 from fakes import one_torch_thread, write_cifar10, write_medmnist  # noqa: F401  (fixture applies here)
 from helpers.tiny import probe_backbones
 
 import probe
 
 
+@pytest.mark.slow
 def test_cifar_and_medmnist_by_short_name(tmp_path):
     root = tmp_path / "data"
     write_cifar10(root)

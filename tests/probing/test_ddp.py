@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from fakes import one_torch_thread  # noqa: F401  (the shared one-thread fixture applies here)
 from helpers.tiny import probe_backbones
@@ -18,6 +19,8 @@ from helpers.tiny import probe_backbones
 import probe
 from probing.cache import FeatureCache
 from probing.report import read_csv
+
+pytestmark = pytest.mark.slow  # 2-process gloo DDP
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--backbones", probe_backbones("convnext-tiny"),

@@ -20,6 +20,8 @@ import probe
 from probing.cache import FeatureCache
 from probing.report import COLUMNS, read_csv
 
+pytestmark = pytest.mark.slow  # one shared probe run over two backbones, every layer
+
 TINY_BACKBONES = probe_backbones(
     probe_backbone("convnext-tiny", label="convnext-tiny@tiny", overrides={"depths": [1, 1, 2, 1]}), "vit-b16")
 DATASETS = ('[{name: digits, init_args: {limit_data: 240}},'

@@ -22,6 +22,7 @@ def features_of(dataset) -> dict:
     return extract(lambda images: images.flatten(1) @ projection, loader)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("val_fraction, expected", [(0.25, "val"), (0.0, "test")])
 def test_auto_query_split_is_geometry_evals_and_gives_its_numbers(val_fraction, expected):
     datamodule = DigitsDataModule(limit_data=200, val_fraction=val_fraction, num_workers=0,
