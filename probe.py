@@ -17,10 +17,15 @@ import logging
 import sys
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+if __name__ == "__main__":  # a missing environment or a broken config file is reported before heavy imports
+    from cli.errors import run_preflight
 
-from cli.errors import OneLineParserErrors
-from geometry.suite import DEFAULT_METRICS, MetricSettings
+    run_preflight(sys.argv[1:], requires=("lightning", "yaml", "jsonargparse"))
+
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser  # noqa: E402
+
+from cli.errors import OneLineParserErrors  # noqa: E402
+from geometry.suite import DEFAULT_METRICS, MetricSettings  # noqa: E402
 
 log = logging.getLogger("fmprobe.probe")
 

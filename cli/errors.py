@@ -236,8 +236,16 @@ def check_config_file(value: str) -> None:
                          f"got a {type(loaded).__name__}")
 
 
-def run_preflight(argv: Sequence[str]) -> None:
-    """The checks that need no heavy import (config files); exits with one line when one fails."""
+def run_preflight(argv: Sequence[str], requires: Sequence[str] = ("lightning", "yaml")) -> None:
+    """The checks that need no heavy import: the project's libraries are installed in this Python (the usual
+    slip: ``.venv`` not activated), and the config files; exits with one line when one fails."""
+    import importlib.util
+
+    missing = [name for name in requires if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"error: {', '.join(missing)} not installed for {sys.executable}; activate the project's environment "
+              "(source .venv/bin/activate; `make install` creates it) or run .venv/bin/python", file=sys.stderr)
+        sys.exit(FAILURE)
     if debug_requested(argv):
         return
     try:

@@ -148,3 +148,13 @@ def test_config_errors_come_fast_from_the_real_script(tmp_path):
         "error: scheduler: cosine decays over the whole run, but --trainer.max_epochs -1 sets no end; give "
         "--trainer.max_epochs N or --trainer.max_steps N, or use --model.init_args.scheduler none"]
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train.py", "probe.py"])
+def test_a_python_without_the_environment_is_told_to_activate_it(script):
+    # -S: no site-packages, like `python train.py` with .venv not activated (issue 13 problem 8)
+    result = subprocess.run([sys.executable, "-S", str(ROOT / script), "--help"], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "")}, timeout=60)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: lightning") and "source .venv/bin/activate" in result.stderr
