@@ -189,7 +189,8 @@ class FMProbeCLI(LightningCLI):
         self.run_dir, self.stage = run_dir, stage
 
     def after_instantiate_classes(self) -> None:
-        """Everything a run needs is checked before its directory is touched: data, schedule, output folder."""
+        """The data is loaded and checked before the run directory is touched (the name, output folder and
+        schedule were checked on the parsed config); only then does --overwrite delete the earlier run."""
         if self.subcommand is None:
             return
         if isinstance(self.datamodule, BaseDataModule):
