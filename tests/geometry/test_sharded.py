@@ -1,0 +1,139 @@
+"""Sharded metrics: 1, 2 and 3 gloo processes on CPU give the one-process numbers.
+
+Every process builds the same seeded data and keeps its shard (odd, uneven sizes); one spawn per world size runs
+every check (``_checks``) and saves its results, which the tests compare with one process on the whole data.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from geometry.comm import LocalComm, TorchDistComm, gather_cat, rows_by_global_index, shard_offset
+from geometry.suite import MetricSettings, evaluate_features
+
+WORLD_SIZES = (1, 2, 3)
+
+
+def blobs(n: int, classes: int = 5, dim: int = 12, seed: int = 0, spread: float = 3.0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, dim, generator=torch.Generator().manual_seed(123)) * spread
+    y = torch.randint(classes, (n,), generator=g)
+    return {"embedding": centers[y] + torch.randn(n, dim, generator=g), "label": y, "index": torch.arange(n)}
+
+
+def interleaved(features: dict, rank: int, world: int) -> dict:
+    """DistributedSampler's shard: samples rank, rank + world, ... (sizes differ by one when n is odd)."""
+    return {name: value[rank::world] for name, value in features.items()}
+
+
+def contiguous(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank r's block of uneven, contiguous shards (their rank-order concatenation is x); rank 0 gets one more."""
+    bounds = [0, *[len(x) * (r + 1) // world + (r == 0) for r in range(world - 1)], len(x)]
+    return x[bounds[rank] : bounds[rank + 1]]
+
+
+def _comm_checks(comm, rank: int, world: int) -> dict:
+    sizes = [3, 0, 5][:world]
+    mine = torch.arange(sizes[rank] * 2, dtype=torch.float32).view(-1, 2) + 100 * rank
+    gathered = comm.all_gather(mine)
+    offset, total, counts = shard_offset(comm, sizes[rank])
+    whole = gather_cat(comm, mine)
+    rows = rows_by_global_index(comm, mine, torch.tensor([total - 1, 0]), offset)
+    return {"gathered": gathered, "sum": comm.all_reduce(torch.tensor([rank + 1.0])), "offset": offset,
+            "counts": counts, "whole": whole, "rows": rows, "broadcast": comm.broadcast({"from": rank}, src=world - 1),
+            "scalar": comm.all_gather(torch.tensor(rank))}
+
+
+def _suite_checks(comm, rank: int, world: int) -> dict:
+    bank, query = blobs(41, seed=1), blobs(23, seed=2)
+    seen = []
+
+    def shard_aware(bank, query, settings, *, comm=None):
+        seen.append(("aware", len(bank["label"]), comm is not None))
+        n = torch.tensor([len(bank["label"])])
+        return {"aware_n": float((n if comm is None else comm.all_reduce(n))[0])}
+
+    def plain(bank, query, settings):
+        seen.append(("plain", len(bank["label"])))
+        return {"plain_first": float(bank["index"][0]), "plain_n": float(len(query["index"]))}
+
+    import geometry.suite as suite
+
+    names = {"t.aware": shard_aware, "t.plain": plain}
+    original = suite.resolve_metric
+    suite.resolve_metric = lambda name: names[name]
+    try:
+        out = evaluate_features(interleaved(bank, rank, world), interleaved(query, rank, world),
+                                ["t.aware", "t.plain"], MetricSettings(bootstrap_n=0), comm=comm)
+    finally:
+        suite.resolve_metric = original
+    return {"out": out, "seen": seen}
+
+
+CHECKS = {"comm": _comm_checks, "suite": _suite_checks}
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        comm = TorchDistComm()
+        results = {name: check(comm, rank, world) for name, check in CHECKS.items()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded_results(tmp_path_factory) -> dict[int, list[dict]]:
+    """{world size: [results of rank 0, rank 1, ...]} of every check."""
+    results = {}
+    for world in WORLD_SIZES:
+        out_dir = tmp_path_factory.mktemp(f"world{world}")
+        mp.spawn(_worker, args=(world, str(out_dir / "init"), str(out_dir)), nprocs=world, join=True)
+        results[world] = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return results
+
+
+def test_local_comm_is_the_identity():
+    comm, t = LocalComm(), torch.randn(3, 2)
+    assert comm.all_reduce(t) is t and comm.all_gather(t)[0] is t and comm.broadcast("x", src=0) == "x"
+    assert shard_offset(comm, 7) == (0, 7, [7])
+    assert torch.equal(rows_by_global_index(comm, t, torch.tensor([2, 0]), 0), t[[2, 0]])
+
+
+def test_suite_without_comm_is_unchanged():
+    bank, query = blobs(41, seed=1), blobs(23, seed=2)
+    settings = MetricSettings(knn_ks=(5,), bootstrap_n=0)
+    assert evaluate_features(bank, query, ["knn"], settings) == evaluate_features(bank, query, ["knn"], settings,
+                                                                                   comm=LocalComm())
+
+
+@pytest.mark.slow
+def test_torch_dist_comm_collectives(sharded_results):
+    for world in WORLD_SIZES:
+        sizes = [3, 0, 5][:world]
+        for rank, got in enumerate(r["comm"] for r in sharded_results[world]):
+            expected = [torch.arange(s * 2, dtype=torch.float32).view(-1, 2) + 100 * r for r, s in enumerate(sizes)]
+            assert [g.shape for g in got["gathered"]] == [e.shape for e in expected]
+            assert all(torch.equal(g, e) for g, e in zip(got["gathered"], expected))
+            assert torch.equal(got["whole"], torch.cat(expected))
+            assert got["sum"].item() == world * (world + 1) / 2
+            assert (got["offset"], got["counts"]) == (sum(sizes[:rank]), sizes)
+            assert torch.equal(got["rows"], torch.cat(expected)[[sum(sizes) - 1, 0]])
+            assert got["broadcast"] == {"from": world - 1}
+            assert [int(s) for s in got["scalar"]] == list(range(world))
+
+
+@pytest.mark.slow
+def test_suite_passes_comm_or_gathers_whole_feature_sets(sharded_results):
+    for world in WORLD_SIZES:
+        for rank, got in enumerate(r["suite"] for r in sharded_results[world]):
+            assert got["out"] == {"aware_n": 41.0, "plain_first": 0.0, "plain_n": 23.0}
+            # one process: no comm passed, whole sets; several: the shard and the comm, or the whole sets
+            aware = ("aware", len(range(rank, 41, world)), True) if world > 1 else ("aware", 41, False)
+            assert got["seen"] == [aware, ("plain", 41)]
