@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from geometry.comm import LocalComm, TorchDistComm, gather_cat, rows_by_global_index, shard_offset
+from geometry.knn_sharded import sharded_knn_hits_and_predictions
 from geometry.suite import MetricSettings, evaluate_features
 
 WORLD_SIZES = (1, 2, 3)
@@ -74,7 +75,31 @@ def _suite_checks(comm, rank: int, world: int) -> dict:
     return {"out": out, "seen": seen}
 
 
-CHECKS = {"comm": _comm_checks, "suite": _suite_checks}
+def tied_bank() -> dict:
+    """Overlapping classes, and rows 50-59 copies of rows 0-9 with other labels: exact ties between shards."""
+    bank = blobs(101, classes=7, seed=3, spread=1.0)
+    bank["embedding"][50:60] = bank["embedding"][0:10]
+    bank["label"][50:60] = (bank["label"][0:10] + 1) % 7
+    return bank
+
+
+KNN_KS, KNN_TOPK = (1, 4, 9, 100), (1, 3)
+
+
+def _knn_checks(comm, rank: int, world: int) -> dict:
+    bank, query = interleaved(tied_bank(), rank, world), blobs(37, classes=7, seed=4, spread=1.0)
+    out = {}
+    for distance, temperature in (("cosine", 0.07), ("euclidean", 1.0), ("cosine", None)):
+        out[distance, temperature] = sharded_knn_hits_and_predictions(
+            bank["embedding"], bank["label"], bank["index"], query["embedding"], query["label"], comm, KNN_KS,
+            KNN_TOPK, temperature, distance, chunk_size=10)
+    settings = MetricSettings(knn_ks=(5, 20, 200), bootstrap_n=50)
+    out["suite"] = evaluate_features(interleaved(blobs(59, seed=5), rank, world),
+                                     interleaved(blobs(31, seed=6), rank, world), ["knn"], settings, comm=comm)
+    return out
+
+
+CHECKS = {"comm": _comm_checks, "suite": _suite_checks, "knn": _knn_checks}
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -137,3 +162,51 @@ def test_suite_passes_comm_or_gathers_whole_feature_sets(sharded_results):
             # one process: no comm passed, whole sets; several: the shard and the comm, or the whole sets
             aware = ("aware", len(range(rank, 41, world)), True) if world > 1 else ("aware", 41, False)
             assert got["seen"] == [aware, ("plain", 41)]
+
+
+def reference_knn(bank: dict, query: dict, k: int, temperature, distance: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 weighted kNN written out: neighbours by (similarity desc, sample index asc), votes exp(s / T),
+    classes ranked by vote (ties: smaller label). Returns (top-1 prediction, rank of the true class or 99)."""
+    b, q = bank["embedding"].double(), query["embedding"].double()
+    if distance == "cosine":
+        sim = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
+    else:
+        sim = -torch.cdist(q, b)
+    predictions, true_rank = [], []
+    for i in range(len(q)):
+        order = sorted(range(len(b)), key=lambda j: (-float(sim[i, j]), int(bank["index"][j])))[:k]
+        votes, voted = torch.zeros(7, dtype=torch.float64), torch.zeros(7, dtype=torch.bool)
+        for j in order:
+            weight = 1.0 if temperature is None else float(torch.exp((sim[i, j] - sim[i, order[0]]) / temperature))
+            votes[bank["label"][j]] += weight
+            voted[bank["label"][j]] = True
+        ranking = [c for c in sorted(range(7), key=lambda c: (-float(votes[c]), c)) if voted[c]]
+        predictions.append(ranking[0])
+        label = int(query["label"][i])
+        true_rank.append(ranking.index(label) + 1 if label in ranking else 99)
+    return torch.tensor(predictions), torch.tensor(true_rank)
+
+
+@pytest.mark.slow
+def test_sharded_knn_equals_one_process_with_ties_by_sample_index(sharded_results):
+    bank, query = tied_bank(), blobs(37, classes=7, seed=4, spread=1.0)
+    for key in (("cosine", 0.07), ("euclidean", 1.0), ("cosine", None)):
+        for k in KNN_KS:
+            expected, true_rank = reference_knn(bank, query, k, key[1], key[0])
+            for world in WORLD_SIZES:
+                for got in (r["knn"][key] for r in sharded_results[world]):
+                    hits, predictions = got
+                    assert torch.equal(predictions[k], expected), (key, k, world)
+                    for t in KNN_TOPK:
+                        assert torch.equal(hits[t][k], true_rank <= t), (key, k, t, world)
+
+
+@pytest.mark.slow
+def test_sharded_knn_suite_equals_one_process(sharded_results):
+    settings = MetricSettings(knn_ks=(5, 20, 200), bootstrap_n=50)
+    with pytest.warns(UserWarning, match="exceed the bank size"):
+        expected = evaluate_features(blobs(59, seed=5), blobs(31, seed=6), ["knn"], settings)
+    assert "knn_top1@20" in expected and "knn_top1@20_ci_low" in expected
+    for world in WORLD_SIZES:
+        for got in (r["knn"]["suite"] for r in sharded_results[world]):
+            assert got == expected
