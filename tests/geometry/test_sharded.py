@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from geometry.comm import LocalComm, TorchDistComm, gather_cat, rows_by_global_index, shard_offset
+from geometry.kmeans import adjusted_rand_index, kmeans, normalized_mutual_info
 from geometry.knn_sharded import sharded_knn_hits_and_predictions
 from geometry.suite import MetricSettings, evaluate_features
 
@@ -99,7 +100,26 @@ def _knn_checks(comm, rank: int, world: int) -> dict:
     return out
 
 
-CHECKS = {"comm": _comm_checks, "suite": _suite_checks, "knn": _knn_checks}
+def kmeans_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Five overlapping blobs (Lloyd needs several steps), and a set whose duplicates leave clusters empty."""
+    blob = blobs(157, classes=5, seed=7, spread=1.2)
+    return blob["embedding"], torch.cat([torch.zeros(50, 3), torch.ones(3, 3), torch.full((4, 3), -1.0)])
+
+
+def _kmeans_checks(comm, rank: int, world: int) -> dict:
+    x, duplicates = kmeans_data()
+    out = {}
+    for name, data, k, max_iter in (("one_step", x, 5, 1), ("full", x, 5, 300), ("empty", duplicates, 5, 300)):
+        labels, centres, inertia = kmeans(contiguous(data, rank, world), k, n_init=3, max_iter=max_iter, seed=11,
+                                          comm=comm)
+        out[name] = (gather_cat(comm, labels), centres, inertia)
+    query = blobs(61, classes=5, seed=8, spread=1.2)
+    out["suite"] = evaluate_features({}, interleaved(query, rank, world), ["kmeans"],
+                                     MetricSettings(seed=4, bootstrap_n=0), comm=comm)
+    return out
+
+
+CHECKS = {"comm": _comm_checks, "suite": _suite_checks, "knn": _knn_checks, "kmeans": _kmeans_checks}
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -210,3 +230,27 @@ def test_sharded_knn_suite_equals_one_process(sharded_results):
     for world in WORLD_SIZES:
         for got in (r["knn"]["suite"] for r in sharded_results[world]):
             assert got == expected
+
+
+@pytest.mark.slow
+def test_sharded_kmeans_same_centres_as_one_process(sharded_results):
+    x, duplicates = kmeans_data()
+    for name, data, max_iter in (("one_step", x, 1), ("full", x, 300), ("empty", duplicates, 300)):
+        labels, centres, inertia = kmeans(data, 5, n_init=3, max_iter=max_iter, seed=11)
+        for world in WORLD_SIZES:
+            for got in (r["kmeans"][name] for r in sharded_results[world]):
+                torch.testing.assert_close(got[1], centres, atol=1e-5, rtol=1e-5)
+                assert abs(got[2] - inertia) <= 1e-5 * inertia
+                assert adjusted_rand_index(got[0], labels) >= 0.99
+                assert normalized_mutual_info(got[0], labels) >= 0.99
+
+
+@pytest.mark.slow
+def test_sharded_kmeans_suite_scores_within_001(sharded_results):
+    expected = evaluate_features({}, blobs(61, classes=5, seed=8, spread=1.2), ["kmeans"],
+                                 MetricSettings(seed=4, bootstrap_n=0))
+    assert 0.2 < expected["kmeans_ari"] < 0.99  # overlapping blobs: the scores are not trivially 1
+    for world in WORLD_SIZES:
+        for got in (r["kmeans"]["suite"] for r in sharded_results[world]):
+            assert got.keys() == expected.keys()
+            assert all(abs(got[key] - expected[key]) <= 0.01 for key in expected)
