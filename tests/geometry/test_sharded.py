@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from geometry.cka import MinibatchCKA, linear_cka
 from geometry.comm import LocalComm, TorchDistComm, gather_cat, rows_by_global_index, shard_offset
 from geometry.kmeans import adjusted_rand_index, kmeans, normalized_mutual_info
 from geometry.knn_sharded import sharded_knn_hits_and_predictions
@@ -119,7 +120,31 @@ def _kmeans_checks(comm, rank: int, world: int) -> dict:
     return out
 
 
-CHECKS = {"comm": _comm_checks, "suite": _suite_checks, "knn": _knn_checks, "kmeans": _kmeans_checks}
+def cka_data() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Related representations with many samples (feature-space form) and with few (one process: Gram form)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(203, 9, generator=g) + 5.0
+    small = torch.randn(11, 30, generator=g, dtype=torch.float64)
+    return {"many": (x, x[:, :6] @ torch.randn(6, 6, generator=g) + 0.5 * torch.randn(203, 6, generator=g)),
+            "few": (small, small[:, :20].tanh() + 0.1 * torch.randn(11, 20, generator=g, dtype=torch.float64))}
+
+
+def _cka_checks(comm, rank: int, world: int) -> dict:
+    out = {}
+    for name, (x, y) in cka_data().items():
+        for debiased in (False, True):
+            out[name, debiased] = linear_cka(contiguous(x, rank, world), contiguous(y, rank, world),
+                                             debiased=debiased, chunk_size=16, comm=comm)
+    x, y = cka_data()["many"]
+    minibatch = MinibatchCKA()
+    for batch in range(rank, 6, world):  # six batches of 32 dealt over the processes
+        minibatch.update(x[batch * 32 : (batch + 1) * 32], y[batch * 32 : (batch + 1) * 32])
+    out["minibatch"] = minibatch.sync(comm.all_reduce).compute()
+    return out
+
+
+CHECKS = {"comm": _comm_checks, "suite": _suite_checks, "knn": _knn_checks, "kmeans": _kmeans_checks,
+          "cka": _cka_checks}
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -254,3 +279,19 @@ def test_sharded_kmeans_suite_scores_within_001(sharded_results):
         for got in (r["kmeans"]["suite"] for r in sharded_results[world]):
             assert got.keys() == expected.keys()
             assert all(abs(got[key] - expected[key]) <= 0.01 for key in expected)
+
+
+@pytest.mark.slow
+def test_sharded_linear_cka_equals_one_process(sharded_results):
+    x, y = cka_data()["many"]
+    one = MinibatchCKA()
+    for batch in range(6):
+        one.update(x[batch * 32 : (batch + 1) * 32], y[batch * 32 : (batch + 1) * 32])
+    for world in WORLD_SIZES:
+        for got in (r["cka"] for r in sharded_results[world]):
+            for name, (x, y) in cka_data().items():
+                for debiased in (False, True):
+                    expected = linear_cka(x, y, debiased=debiased)
+                    assert 0.05 < abs(expected) < 0.99
+                    assert abs(got[name, debiased] - expected) <= 1e-6, (name, debiased, world)
+            assert abs(got["minibatch"] - one.compute()) <= 1e-12
