@@ -16,6 +16,8 @@ from geometry.cka import MinibatchCKA, linear_cka
 from geometry.comm import LocalComm, TorchDistComm, gather_cat, rows_by_global_index, shard_offset
 from geometry.kmeans import adjusted_rand_index, kmeans, normalized_mutual_info
 from geometry.knn_sharded import sharded_knn_hits_and_predictions
+from geometry.linear_probe import linear_probe, stratified_holdout
+from geometry.linear_probe_sharded import index_holdout, sharded_linear_probe
 from geometry.suite import MetricSettings, evaluate_features
 
 WORLD_SIZES = (1, 2, 3)
@@ -143,8 +145,24 @@ def _cka_checks(comm, rank: int, world: int) -> dict:
     return out
 
 
+def probe_data() -> tuple[dict, dict]:
+    """Overlapping classes (the L2 choice matters) and 501 queries (one changed prediction = 0.2 points)."""
+    return blobs(301, classes=4, dim=8, seed=12, spread=0.6), blobs(501, classes=4, dim=8, seed=13, spread=0.6)
+
+
+def _probe_checks(comm, rank: int, world: int) -> dict:
+    bank, query = probe_data()
+    shard = interleaved(bank, rank, world)
+    held = index_holdout(shard["label"], shard["index"], 0.2, 5, comm)
+    fit = sharded_linear_probe(shard["embedding"], shard["label"], shard["index"], query["embedding"],
+                               query["label"], comm, seed=5)
+    suite = evaluate_features(shard, interleaved(query, rank, world), ["linear"],
+                              MetricSettings(seed=5, bootstrap_n=0), comm=comm)
+    return {"held": gather_cat(comm, shard["index"][held]).sort().values, "fit": fit, "suite": suite}
+
+
 CHECKS = {"comm": _comm_checks, "suite": _suite_checks, "knn": _knn_checks, "kmeans": _kmeans_checks,
-          "cka": _cka_checks}
+          "cka": _cka_checks, "probe": _probe_checks}
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -295,3 +313,21 @@ def test_sharded_linear_cka_equals_one_process(sharded_results):
                     assert 0.05 < abs(expected) < 0.99
                     assert abs(got[name, debiased] - expected) <= 1e-6, (name, debiased, world)
             assert abs(got["minibatch"] - one.compute()) <= 1e-12
+
+
+@pytest.mark.slow
+def test_sharded_probe_same_holdout_same_l2_accuracy_within_02_points(sharded_results):
+    bank, query = probe_data()
+    _, held = stratified_holdout(bank["label"], 0.2, 5)
+    expected = linear_probe(bank["embedding"], bank["label"], query["embedding"], query["label"], seed=5)
+    suite = evaluate_features(bank, query, ["linear"], MetricSettings(seed=5, bootstrap_n=0))
+    assert 0.5 < expected["accuracy"] < 0.99 and len(set(expected["holdout_accuracy"].values())) > 1
+    for world in WORLD_SIZES:
+        for got in (r["probe"] for r in sharded_results[world]):
+            assert torch.equal(got["held"], bank["index"][held])
+            assert got["fit"]["l2"] == expected["l2"]
+            assert abs(got["fit"]["accuracy"] - expected["accuracy"]) <= 0.002 + 1e-12
+            for l2, accuracy in expected["holdout_accuracy"].items():
+                assert abs(got["fit"]["holdout_accuracy"][l2] - accuracy) <= 1 / 60 + 1e-12
+            assert got["suite"].keys() == suite.keys()
+            assert all(abs(got["suite"][key] - suite[key]) <= 0.002 + 1e-12 for key in suite)
