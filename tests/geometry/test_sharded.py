@@ -178,13 +178,15 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory) -> dict[int, list[dict]]:
-    """{world size: [results of rank 0, rank 1, ...]} of every check."""
-    results = {}
-    for world in WORLD_SIZES:
-        out_dir = tmp_path_factory.mktemp(f"world{world}")
-        mp.spawn(_worker, args=(world, str(out_dir / "init"), str(out_dir)), nprocs=world, join=True)
-        results[world] = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    return results
+    """{world size: [results of rank 0, rank 1, ...]} of every check; the three process groups run together."""
+    out_dirs = {world: tmp_path_factory.mktemp(f"world{world}") for world in WORLD_SIZES}
+    contexts = [mp.start_processes(_worker, args=(world, str(out / "init"), str(out)), nprocs=world, join=False,
+                                   start_method="spawn") for world, out in out_dirs.items()]
+    for context in contexts:
+        while not context.join():
+            pass
+    return {world: [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+            for world, out in out_dirs.items()}
 
 
 def test_local_comm_is_the_identity():
