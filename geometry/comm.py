@@ -142,3 +142,18 @@ def rows_by_global_index(comm: Communicator, x: Tensor, positions: Tensor, offse
     rows = torch.zeros(len(positions), *x.shape[1:], dtype=x.dtype, device=x.device)
     rows[owned] = x[local[owned]]
     return comm.all_reduce(rows)
+
+
+def own_rows(comm: Communicator, features) -> dict:
+    """Each sample once over all processes (DistributedSampler repeats a few to even the shards): a row stays on
+    the lowest rank holding its ``index``, once there; rows sorted by index. Only the indices travel."""
+    order = features["index"].argsort(stable=True)
+    index = features["index"][order]
+    first = torch.ones_like(index, dtype=torch.bool)
+    first[1:] = index[1:] != index[:-1]
+    keep = order[first]
+    index = features["index"][keep]
+    earlier = comm.all_gather(index)[: comm.rank]
+    if earlier:
+        keep = keep[~torch.isin(index, torch.cat(earlier).to(index.device))]
+    return {name: value[keep] for name, value in features.items()}

@@ -8,7 +8,8 @@ one-process result on the bank sorted by index (``geometry.knn``, whose ``torch.
 neighbours at exactly equal similarity unspecified: only there can the two differ). The vote, weights and
 class-tie rule are ``geometry.knn``'s.
 
-Memory per process: its bank shard plus one (chunk, shard) score block and (chunk, processes x max_k) merge.
+Memory per process: its bank shard, one (chunk, shard) score block (chunks are sized for the whole bank, so
+the block is 1 / processes of one process's) and the (chunk, processes x max_k) merge.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from geometry.comm import shard_offset
 from geometry.common import as_features, as_labels, check_distance, rows_per_chunk, squared_norms, unit_rows
 from geometry.knn import DEFAULT_KS, _check_topk, _hits, _rank, _votes
 
@@ -47,8 +49,10 @@ def sharded_knn_neighbours(bank, bank_class, bank_keys, queries, max_k: int, tem
     """
     bank_sq = squared_norms(bank) if distance == "euclidean" else None
     key_order = bank_keys.argsort()
-    largest = max(s.shape[0] for s in comm.all_gather(bank_keys))  # same chunks everywhere: same collectives
-    step = rows_per_chunk(largest, bank.device, chunk_size)
+    # Chunks sized by the whole bank: the same on every process (the same collectives), and each process's
+    # (chunk, shard) score block is 1 / processes of one process's, so its memory falls with its bank.
+    _, n_bank, _ = shard_offset(comm, bank.shape[0], bank.device)
+    step = rows_per_chunk(n_bank, bank.device, chunk_size)
     k_local = min(max_k, bank.shape[0])
     for start in range(0, queries.shape[0], step):
         q = queries[start : start + step].to(device=bank.device, dtype=bank.dtype)

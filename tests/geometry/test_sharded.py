@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from geometry.cka import MinibatchCKA, linear_cka
-from geometry.comm import LocalComm, TorchDistComm, gather_cat, rows_by_global_index, shard_offset
+from geometry.comm import LocalComm, TorchDistComm, gather_cat, own_rows, rows_by_global_index, shard_offset
 from geometry.kmeans import adjusted_rand_index, kmeans, normalized_mutual_info
 from geometry.knn_sharded import sharded_knn_hits_and_predictions
 from geometry.linear_probe import linear_probe, stratified_holdout
@@ -45,10 +45,14 @@ def _comm_checks(comm, rank: int, world: int) -> dict:
     sizes = [3, 0, 5][:world]
     mine = torch.arange(sizes[rank] * 2, dtype=torch.float32).view(-1, 2) + 100 * rank
     gathered = comm.all_gather(mine)
-    offset, total, counts = shard_offset(comm, sizes[rank])
     whole = gather_cat(comm, mine)
+    offset, total, counts = shard_offset(comm, sizes[rank])
     rows = rows_by_global_index(comm, mine, torch.tensor([total - 1, 0]), offset)
-    return {"gathered": gathered, "sum": comm.all_reduce(torch.tensor([rank + 1.0])), "offset": offset,
+    # DistributedSampler(shuffle=False) over 7 samples pads to a multiple of the world size from the start
+    padded = torch.cat([torch.arange(7), torch.arange(7)])[: -(-7 // world) * world]
+    sampled = padded[rank::world].flip(0)
+    kept = own_rows(comm, {"index": sampled, "value": sampled * 10})
+    return {"own": kept, "gathered": gathered, "sum": comm.all_reduce(torch.tensor([rank + 1.0])), "offset": offset,
             "counts": counts, "whole": whole, "rows": rows, "broadcast": comm.broadcast({"from": rank}, src=world - 1),
             "scalar": comm.all_gather(torch.tensor(rank))}
 
@@ -217,6 +221,11 @@ def test_torch_dist_comm_collectives(sharded_results):
             assert torch.equal(got["rows"], torch.cat(expected)[[sum(sizes) - 1, 0]])
             assert got["broadcast"] == {"from": world - 1}
             assert [int(s) for s in got["scalar"]] == list(range(world))
+        owned = [r["comm"]["own"] for r in sharded_results[world]]
+        assert torch.equal(torch.cat([o["index"] for o in owned]).sort().values, torch.arange(7))
+        for rank, own in enumerate(owned):
+            assert torch.equal(own["index"], torch.arange(rank, 7, world))  # the padding's repeats dropped
+            assert torch.equal(own["value"], own["index"] * 10)
 
 
 @pytest.mark.slow
