@@ -5,7 +5,9 @@ offers (``bank_dataset()``: un-augmented train images; ``query_dataset()``: val,
 ``novel_dataset()`` for held-out sub-classes). Under DDP each rank embeds its shard and the features
 are gathered by sample index (``features.extract``), so every sample counts once and N processes give
 the one-process numbers. Metrics are computed on rank 0 by ``geometry/`` and broadcast, so every rank
-logs the same values. Keys: ``geometry/knn_top1@<k>``, ``geometry/knn_top5@<k>``, ``geometry/kmeans_ari``,
+logs the same values. With ``shard_metrics`` (the default under DDP) nothing is gathered: each rank keeps its
+own shard (every sample on one rank) and the metrics work across ranks through a ``geometry.comm``
+communicator, every rank computing its share and getting the same values. Keys: ``geometry/knn_top1@<k>``, ``geometry/knn_top5@<k>``, ``geometry/kmeans_ari``,
 ``geometry/kmeans_nmi``, ``geometry/linear_probe_acc``, ``geometry/fewshot_<K>shot_acc`` and, with a
 hierarchy, ``geometry/hier_*``.
 """
@@ -26,6 +28,7 @@ from features.extract import (
     gather_by_index,
     trainer_shard_loader,
 )
+from geometry.comm import TorchDistComm, own_rows
 from geometry.suite import DEFAULT_METRICS, MetricSettings, check_metrics, evaluate_features, metric_keywords
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,9 @@ class GeometryEval(L.Callback):
         bank_dtype: ``float32`` or ``float16`` storage of gathered features (halves memory).
         memory_budget_gb: Stop with advice when bank + queries would need more than this; None: no check.
         at_fit_start: Measure before the first training step (the "initial" row).
+        shard_metrics: Keep each rank's shard of the features and compute the metrics across ranks (memory per
+            rank falls with the number of ranks); False: gather everything, rank 0 computes. None: True when
+            ``world_size > 1``.
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class GeometryEval(L.Callback):
         bank_dtype: str = "float32",
         memory_budget_gb: float | None = None,
         at_fit_start: bool = True,
+        shard_metrics: bool | None = None,
     ):
         if bank_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"bank_dtype must be float32, float16 or bfloat16, got {bank_dtype!r}")
@@ -74,6 +81,7 @@ class GeometryEval(L.Callback):
         self.bank_dtype = getattr(torch, bank_dtype)
         self.memory_budget_gb = memory_budget_gb
         self.at_fit_start = at_fit_start
+        self.shard_metrics = shard_metrics
         self.history: list[dict] = []
         self.reference: dict | None = None  # the query features at fit start, for drift metrics
         self.initial_per_query: dict | None = None  # per-query correctness at fit start (paired comparisons)
@@ -97,7 +105,12 @@ class GeometryEval(L.Callback):
     def _features(self, trainer: L.Trainer, pl_module: L.LightningModule, dataset, max_size, what: str) -> dict:
         loader = trainer_shard_loader(trainer, dataset, max_size, self.settings.seed)
         local = extract(pl_module.embed, loader, pl_module.device, self.bank_dtype, what=what)
+        if self._sharded(trainer):
+            return own_rows(TorchDistComm(), local)
         return gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
+
+    def _sharded(self, trainer: L.Trainer) -> bool:
+        return trainer.world_size > 1 and self.shard_metrics is not False
 
     def _check_budget(self, n: int, dim: int) -> None:
         if self.memory_budget_gb is None:
@@ -118,7 +131,8 @@ class GeometryEval(L.Callback):
         with eval_mode(pl_module):
             bank_set = datamodule.bank_dataset()
             n_bank = min(len(bank_set), self.max_bank_size or len(bank_set))
-            self._check_budget(n_bank, pl_module.backbone.embed_dim)
+            sharded = self._sharded(trainer)
+            self._check_budget(-(-n_bank // trainer.world_size) if sharded else n_bank, pl_module.backbone.embed_dim)
             bank = self._features(trainer, pl_module, bank_set, self.max_bank_size, "bank (train) features")
             query = self._features(trainer, pl_module, datamodule.query_dataset(), self.max_query_size,
                                    "query features")
@@ -128,14 +142,22 @@ class GeometryEval(L.Callback):
         if self.needs_reference and self.reference is None:
             self.reference = query  # this is the first evaluation (fit start): the drift metrics' baseline
         values: dict[str, float] | None = None
-        if trainer.is_global_zero:
+        counts = (len(bank["index"]), len(query["index"]))
+        if sharded:
+            comm, per_query = TorchDistComm(), {}
+            values = evaluate_features(bank, query, self.metrics, self.settings, novel=novel,
+                                       reference=self.reference, per_query=per_query, comm=comm)
+            if trainer.is_global_zero:
+                self._compare_with_initial(per_query, epoch)
+            counts = tuple(int(n) for n in comm.all_reduce(torch.tensor(counts)))
+        elif trainer.is_global_zero:
             per_query: dict = {}
             values = evaluate_features(bank, query, self.metrics, self.settings, novel=novel,
                                        reference=self.reference, per_query=per_query)
             self._compare_with_initial(per_query, epoch)
         values = trainer.strategy.broadcast(values, src=0)
         row = {"epoch": epoch, "step": trainer.global_step, "seconds": round(time.perf_counter() - start, 3),
-               "n_bank": len(bank["index"]), "n_query": len(query["index"]), **values}
+               "n_bank": counts[0], "n_query": counts[1], **values}
         self.history = [r for r in self.history if r["epoch"] != epoch] + [row]
         self._log(trainer, values)
         return values
