@@ -5,11 +5,11 @@ offers (``bank_dataset()``: un-augmented train images; ``query_dataset()``: val,
 ``novel_dataset()`` for held-out sub-classes). Under DDP each rank embeds its shard and the features
 are gathered by sample index (``features.extract``), so every sample counts once and N processes give
 the one-process numbers. Metrics are computed on rank 0 by ``geometry/`` and broadcast, so every rank
-logs the same values. With ``shard_metrics`` (the default under DDP) nothing is gathered: each rank keeps its
-own shard (every sample on one rank) and the metrics work across ranks through a ``geometry.comm``
-communicator, every rank computing its share and getting the same values. Keys: ``geometry/knn_top1@<k>``, ``geometry/knn_top5@<k>``, ``geometry/kmeans_ari``,
-``geometry/kmeans_nmi``, ``geometry/linear_probe_acc``, ``geometry/fewshot_<K>shot_acc`` and, with a
-hierarchy, ``geometry/hier_*``.
+logs the same values. With ``shard_metrics`` (the default under DDP) the bank is never gathered: each rank
+keeps its own shard (every sample on one rank) and the metrics work across ranks through a ``geometry.comm``
+communicator, every rank computing its share. Keys: ``geometry/knn_top1@<k>``, ``geometry/knn_top5@<k>``,
+``geometry/kmeans_ari``, ``geometry/kmeans_nmi``, ``geometry/linear_probe_acc``, ``geometry/fewshot_<K>shot_acc``
+and, with a hierarchy, ``geometry/hier_*``.
 """
 
 from __future__ import annotations
