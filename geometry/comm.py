@@ -157,3 +157,11 @@ def own_rows(comm: Communicator, features) -> dict:
     if earlier:
         keep = keep[~torch.isin(index, torch.cat(earlier).to(index.device))]
     return {name: value[keep] for name, value in features.items()}
+
+
+def as_shard(x, name: str = "x") -> Tensor:
+    """A process's (N, D) rows as a floating tensor; unlike a whole data set, a shard may be empty."""
+    x = torch.as_tensor(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (N, D) shard, got shape {tuple(x.shape)}")
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from geometry.comm import gather_cat, gather_feature_set, rows_by_global_index, shard_offset
+from geometry.comm import as_shard, gather_cat, gather_feature_set, rows_by_global_index, shard_offset
 from geometry.common import (
     as_features,
     as_labels,
@@ -160,8 +160,7 @@ def kmeans(x, n_clusters: int, n_init: int = 10, max_iter: int = 300, tol: float
     the same seed gives the same initial centres as one process on the concatenation. The labels returned are
     the shard's; centroids and inertia are the same on every process.
     """
-    # A shard may be empty (more processes than rows); the whole data may not.
-    x = as_features(x) if comm is None or len(x) else torch.as_tensor(x).float().reshape(0, -1)
+    x = as_features(x) if comm is None else as_shard(x)
     n, offset = x.shape[0], 0
     if comm is not None:
         offset, n, _ = shard_offset(comm, x.shape[0], x.device)

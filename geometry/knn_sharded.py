@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from geometry.comm import shard_offset
+from geometry.comm import as_shard, shard_offset
 from geometry.common import as_features, as_labels, check_distance, rows_per_chunk, squared_norms, unit_rows
 from geometry.knn import DEFAULT_KS, _check_topk, _hits, _rank, _votes
 
@@ -93,8 +93,8 @@ def sharded_knn_hits_and_predictions(bank, bank_labels, bank_keys, queries, quer
     distance, which here rank by key and there as ``torch.topk`` leaves them.
     """
     check_distance(distance)
-    bank = as_features(bank, "bank", allow_half=True)
-    bank_labels = as_labels(bank_labels, bank.shape[0], "bank_labels").to(bank.device)
+    bank = as_shard(bank, "bank")
+    bank_labels = as_labels(bank_labels, bank.shape[0], "bank_labels").to(bank.device).contiguous()
     bank_keys = torch.as_tensor(bank_keys).reshape(-1).to(bank.device).long()
     queries = as_features(queries, "queries", allow_half=True)
     ks, topk = tuple(sorted({int(k) for k in ks})), _check_topk(topk)

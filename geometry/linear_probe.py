@@ -35,6 +35,7 @@ from geometry.classification import (
     multilabel_accuracy,
     multilabel_macro_auc,
 )
+from geometry.comm import as_shard
 from geometry.common import addmm_rows, as_features, as_labels, column_means
 from geometry.knn import lowshot_subsets
 from geometry.stats import BalancedAccuracy, PerQuery
@@ -210,7 +211,7 @@ def fit_logistic(x, y, l2: float | Sequence[float], max_iter: int = 500, tol: fl
     ``comm`` (a ``geometry.comm.Communicator``): x, y are this process's shard; losses and gradients are summed
     over processes, so every process runs the same L-BFGS steps and returns the same heads.
     """
-    x = as_features(x) if comm is None or len(x) else torch.as_tensor(x).float()
+    x = as_features(x) if comm is None else as_shard(x)
     y = as_labels(y, x.shape[0]).to(x.device)
     l2_values = torch.tensor(_check_l2(l2), dtype=x.dtype, device=x.device)
     if classes is None and comm is not None:

@@ -101,6 +101,11 @@ def _knn_checks(comm, rank: int, world: int) -> dict:
         out[distance, temperature] = sharded_knn_hits_and_predictions(
             bank["embedding"], bank["label"], bank["index"], query["embedding"], query["label"], comm, KNN_KS,
             KNN_TOPK, temperature, distance, chunk_size=10)
+    # every bank row on the last process, none on the others
+    whole = tied_bank()
+    bank = whole if rank == world - 1 else {name: value[:0] for name, value in whole.items()}
+    out["one_holder"] = sharded_knn_hits_and_predictions(
+        bank["embedding"], bank["label"], bank["index"], query["embedding"], query["label"], comm, KNN_KS, KNN_TOPK)
     settings = MetricSettings(knn_ks=(5, 20, 200), bootstrap_n=50)
     out["suite"] = evaluate_features(interleaved(blobs(59, seed=5), rank, world),
                                      interleaved(blobs(31, seed=6), rank, world), ["knn"], settings, comm=comm)
@@ -120,6 +125,8 @@ def _kmeans_checks(comm, rank: int, world: int) -> dict:
         labels, centres, inertia = kmeans(contiguous(data, rank, world), k, n_init=3, max_iter=max_iter, seed=11,
                                           comm=comm)
         out[name] = (gather_cat(comm, labels), centres, inertia)
+    labels, centres, inertia = kmeans(x if rank == 0 else x[:0], 5, n_init=3, seed=11, comm=comm)
+    out["one_holder"] = (gather_cat(comm, labels), centres, inertia)
     query = blobs(61, classes=5, seed=8, spread=1.2)
     out["suite"] = evaluate_features({}, interleaved(query, rank, world), ["kmeans"],
                                      MetricSettings(seed=4, bootstrap_n=0), comm=comm)
@@ -162,7 +169,11 @@ def _probe_checks(comm, rank: int, world: int) -> dict:
                                query["label"], comm, seed=5)
     suite = evaluate_features(shard, interleaved(query, rank, world), ["linear"],
                               MetricSettings(seed=5, bootstrap_n=0), comm=comm)
-    return {"held": gather_cat(comm, shard["index"][held]).sort().values, "fit": fit, "suite": suite}
+    holder = bank if rank == 0 else {name: value[:0] for name, value in bank.items()}
+    one_holder = sharded_linear_probe(holder["embedding"], holder["label"], holder["index"], query["embedding"],
+                                      query["label"], comm, seed=5)
+    return {"held": gather_cat(comm, shard["index"][held]).sort().values, "fit": fit, "suite": suite,
+            "one_holder": one_holder}
 
 
 CHECKS = {"comm": _comm_checks, "suite": _suite_checks, "knn": _knn_checks, "kmeans": _kmeans_checks,
@@ -273,6 +284,11 @@ def test_sharded_knn_equals_one_process_with_ties_by_sample_index(sharded_result
                     assert torch.equal(predictions[k], expected), (key, k, world)
                     for t in KNN_TOPK:
                         assert torch.equal(hits[t][k], true_rank <= t), (key, k, t, world)
+    for k in KNN_KS:  # processes without any bank row
+        expected, true_rank = reference_knn(bank, query, k, 0.07, "cosine")
+        for world in WORLD_SIZES:
+            for hits, predictions in (r["knn"]["one_holder"] for r in sharded_results[world]):
+                assert torch.equal(predictions[k], expected) and torch.equal(hits[3][k], true_rank <= 3)
 
 
 @pytest.mark.slow
@@ -289,7 +305,8 @@ def test_sharded_knn_suite_equals_one_process(sharded_results):
 @pytest.mark.slow
 def test_sharded_kmeans_same_centres_as_one_process(sharded_results):
     x, duplicates = kmeans_data()
-    for name, data, max_iter in (("one_step", x, 1), ("full", x, 300), ("empty", duplicates, 300)):
+    for name, data, max_iter in (("one_step", x, 1), ("full", x, 300), ("empty", duplicates, 300),
+                                 ("one_holder", x, 300)):
         labels, centres, inertia = kmeans(data, 5, n_init=3, max_iter=max_iter, seed=11)
         for world in WORLD_SIZES:
             for got in (r["kmeans"][name] for r in sharded_results[world]):
@@ -336,8 +353,9 @@ def test_sharded_probe_same_holdout_same_l2_accuracy_within_02_points(sharded_re
     for world in WORLD_SIZES:
         for got in (r["probe"] for r in sharded_results[world]):
             assert torch.equal(got["held"], bank["index"][held])
-            assert got["fit"]["l2"] == expected["l2"]
-            assert abs(got["fit"]["accuracy"] - expected["accuracy"]) <= 0.002 + 1e-12
+            for fit in (got["fit"], got["one_holder"]):  # interleaved shards; every row on process 0
+                assert fit["l2"] == expected["l2"]
+                assert abs(fit["accuracy"] - expected["accuracy"]) <= 0.002 + 1e-12
             for l2, accuracy in expected["holdout_accuracy"].items():
                 assert abs(got["fit"]["holdout_accuracy"][l2] - accuracy) <= 1 / 60 + 1e-12
             assert got["suite"].keys() == suite.keys()
