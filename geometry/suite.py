@@ -12,7 +12,7 @@ nothing else computes a metric for a run.
   passes its own shard of every feature set. A metric that declares keyword ``comm`` receives it and works on
   the shards (it returns the one-process values, identical on every process; per-query values cover the whole
   query set sorted by sample index). A metric that does not is given the feature sets made whole on every
-  process (all-gathered, sorted by sample index). ``comm=None`` (or one process) changes nothing.
+  process (all-gathered when it first reads them, sorted by sample index). ``comm=None`` (or one process) changes nothing.
 - Built-in metrics have short names (:data:`BUILTIN_METRICS`). **Any dotted path** ``package.module.function``
   names a user's own metric, in every ``metrics:`` list (GeometryEval, ContinualEval, probe.py), with no fmprobe
   file changed. Adding a built-in: its geometry module (the function), one line in :data:`BUILTIN_METRICS`, its
@@ -160,6 +160,31 @@ def _keywords(metric: Metric) -> dict[str, inspect.Parameter]:
             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
+class _GatheredOnUse(Mapping):
+    """A sharded feature set, gathered (sorted by sample index) when a metric first reads a field: the metrics
+    that never read the bank (few-shot, hierarchy) cost no bank-sized gather. Every process runs the same metric
+    code, so all reach the gather together. Keys and ``in`` answer from the shard, without gathering."""
+
+    def __init__(self, comm, shard: FeatureSet) -> None:
+        self._comm, self._shard, self._whole = comm, shard, None
+
+    def __getitem__(self, key: str) -> Tensor:
+        if self._whole is None:
+            from geometry.comm import gather_feature_set
+
+            self._whole = gather_feature_set(self._comm, self._shard)
+        return self._whole[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._shard
+
+    def __iter__(self):
+        return iter(self._shard)
+
+    def __len__(self) -> int:
+        return len(self._shard)
+
+
 def _takes_comm(metric: Metric) -> bool:
     try:
         parameter = inspect.signature(metric).parameters.get("comm")
@@ -203,7 +228,7 @@ def evaluate_features(bank: FeatureSet, query: FeatureSet, metrics: Iterable[str
     ``per_query`` to receive their per-query vectors (``geometry.stats.PerQuery``) for paired comparisons.
     ``comm``: a ``geometry.comm.Communicator`` when the feature sets are shards of several processes (module doc).
     """
-    from geometry.comm import gather_feature_set, is_sharded
+    from geometry.comm import is_sharded
     from geometry.stats import PerQuery, with_intervals
 
     if on_error not in ("raise", "warn"):
@@ -211,7 +236,7 @@ def evaluate_features(bank: FeatureSet, query: FeatureSet, metrics: Iterable[str
     settings = MetricSettings() if settings is None else settings
     available = {"novel": novel, "reference": reference}
     sharded = is_sharded(comm)
-    whole: dict | None = None  # the gathered feature sets, built once for the metrics that need every sample
+    whole: dict | None = None  # the feature sets gathered on first use, for the metrics that need every sample
     out: dict[str, float] = {}
     for name in metrics:
         metric = resolve_metric(name)
@@ -220,9 +245,9 @@ def evaluate_features(bank: FeatureSet, query: FeatureSet, metrics: Iterable[str
             kwargs["comm"] = comm
         elif sharded:
             if whole is None:
-                whole = {key: None if value is None or not len(value) else gather_feature_set(comm, value)
+                whole = {key: None if value is None else _GatheredOnUse(comm, value)
                          for key, value in {"bank": bank, "query": query, **available}.items()}
-            sets = (whole["bank"] or {}, whole["query"], {"novel": whole["novel"], "reference": whole["reference"]})
+            sets = (whole["bank"], whole["query"], {"novel": whole["novel"], "reference": whole["reference"]})
         for keyword, parameter in _keywords(metric).items():
             if sets[2][keyword] is None and parameter.default is inspect.Parameter.empty:
                 warnings.warn(f"metric {name!r} needs {keyword} features, which this evaluation does not have; "

@@ -72,15 +72,30 @@ def _suite_checks(comm, rank: int, world: int) -> dict:
 
     import geometry.suite as suite
 
-    names = {"t.aware": shard_aware, "t.plain": plain}
+    def query_only(bank, query, settings):
+        return {"query_n": float(len(query["label"])), "has_superclass": float("superclass" in bank)}
+
+    class CountingComm:  # counts the all-gathers, to see which feature sets were gathered
+        def __init__(self):
+            self.world_size, self.rank, self.gathers = comm.world_size, comm.rank, 0
+            self.all_reduce, self.broadcast = comm.all_reduce, comm.broadcast
+
+        def all_gather(self, tensor):
+            self.gathers += 1
+            return comm.all_gather(tensor)
+
+    names = {"t.aware": shard_aware, "t.plain": plain, "t.query_only": query_only}
     original = suite.resolve_metric
     suite.resolve_metric = lambda name: names[name]
     try:
         out = evaluate_features(interleaved(bank, rank, world), interleaved(query, rank, world),
                                 ["t.aware", "t.plain"], MetricSettings(bootstrap_n=0), comm=comm)
+        counting = CountingComm()
+        query_only_out = evaluate_features(interleaved(bank, rank, world), interleaved(query, rank, world),
+                                           ["t.query_only"], MetricSettings(bootstrap_n=0), comm=counting)
     finally:
         suite.resolve_metric = original
-    return {"out": out, "seen": seen}
+    return {"out": out, "seen": seen, "query_only": query_only_out, "gathers": counting.gathers}
 
 
 def tied_bank() -> dict:
@@ -247,6 +262,9 @@ def test_suite_passes_comm_or_gathers_whole_feature_sets(sharded_results):
             # one process: no comm passed, whole sets; several: the shard and the comm, or the whole sets
             aware = ("aware", len(range(rank, 41, world)), True) if world > 1 else ("aware", 41, False)
             assert got["seen"] == [aware, ("plain", 41)]
+            # a metric reading only the queries: the bank is never gathered (one all-gather per query field)
+            assert got["query_only"] == {"query_n": 23.0, "has_superclass": 0.0}
+            assert got["gathers"] == (3 if world > 1 else 0)
 
 
 def reference_knn(bank: dict, query: dict, k: int, temperature, distance: str) -> tuple[torch.Tensor, torch.Tensor]:
