@@ -80,6 +80,8 @@ class TorchDistComm:
         return out.to(tensor.device)
 
     def all_gather(self, tensor: Tensor) -> list[Tensor]:
+        if tensor.dtype == torch.bool:  # not every backend gathers bool: travel as bytes
+            return [part.bool() for part in self.all_gather(tensor.to(torch.uint8))]
         local = tensor.detach().to(self.device).contiguous()
         size = torch.tensor([local.shape[0] if local.ndim else 1], dtype=torch.long, device=self.device)
         sizes = [torch.empty_like(size) for _ in range(self.world_size)]

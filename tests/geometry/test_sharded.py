@@ -54,7 +54,7 @@ def _comm_checks(comm, rank: int, world: int) -> dict:
     kept = own_rows(comm, {"index": sampled, "value": sampled * 10})
     return {"own": kept, "gathered": gathered, "sum": comm.all_reduce(torch.tensor([rank + 1.0])), "offset": offset,
             "counts": counts, "whole": whole, "rows": rows, "broadcast": comm.broadcast({"from": rank}, src=world - 1),
-            "scalar": comm.all_gather(torch.tensor(rank))}
+            "scalar": comm.all_gather(torch.tensor(rank)), "bool": comm.all_gather(torch.tensor([True, rank % 2 == 1]))}
 
 
 def _suite_checks(comm, rank: int, world: int) -> dict:
@@ -247,6 +247,7 @@ def test_torch_dist_comm_collectives(sharded_results):
             assert torch.equal(got["rows"], torch.cat(expected)[[sum(sizes) - 1, 0]])
             assert got["broadcast"] == {"from": world - 1}
             assert [int(s) for s in got["scalar"]] == list(range(world))
+            assert [b.tolist() for b in got["bool"]] == [[True, r % 2 == 1] for r in range(world)]
         owned = [r["comm"]["own"] for r in sharded_results[world]]
         assert torch.equal(torch.cat([o["index"] for o in owned]).sort().values, torch.arange(7))
         for rank, own in enumerate(owned):
