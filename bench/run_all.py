@@ -22,7 +22,8 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("knn", "kmeans", "logreg", "cka", "cache", "callback", "extract", "bootstrap", "quality")
+BENCHMARKS = ("knn", "kmeans", "logreg", "cka", "cache", "callback", "extract", "bootstrap", "quality",
+              "sharded")
 RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
 
 

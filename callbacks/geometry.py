@@ -5,9 +5,11 @@ offers (``bank_dataset()``: un-augmented train images; ``query_dataset()``: val,
 ``novel_dataset()`` for held-out sub-classes). Under DDP each rank embeds its shard and the features
 are gathered by sample index (``features.extract``), so every sample counts once and N processes give
 the one-process numbers. Metrics are computed on rank 0 by ``geometry/`` and broadcast, so every rank
-logs the same values. Keys: ``geometry/knn_top1@<k>``, ``geometry/knn_top5@<k>``, ``geometry/kmeans_ari``,
-``geometry/kmeans_nmi``, ``geometry/linear_probe_acc``, ``geometry/fewshot_<K>shot_acc`` and, with a
-hierarchy, ``geometry/hier_*``.
+logs the same values. With ``shard_metrics`` (the default under DDP) the bank is never gathered: each rank
+keeps its own shard (every sample on one rank) and the metrics work across ranks through a ``geometry.comm``
+communicator, every rank computing its share. Keys: ``geometry/knn_top1@<k>``, ``geometry/knn_top5@<k>``,
+``geometry/kmeans_ari``, ``geometry/kmeans_nmi``, ``geometry/linear_probe_acc``, ``geometry/fewshot_<K>shot_acc``
+and, with a hierarchy, ``geometry/hier_*``.
 
 After each evaluation rank 0 draws ``plots/geometry_curves.png`` (every metric vs epochs trained, the initial
 row at 0) and ``plots/embedding_before_after.png`` (the query set at the first and the latest evaluation side
@@ -32,6 +34,7 @@ from features.extract import (
     gather_by_index,
     trainer_shard_loader,
 )
+from geometry.comm import TorchDistComm, gather_feature_set, own_rows
 from geometry.suite import (
     DEFAULT_METRICS,
     DRIFT_METRICS,
@@ -76,6 +79,9 @@ class GeometryEval(L.Callback):
             PCA), ``pca``, ``umap``, or ``none`` (no map; the curves are still drawn).
         max_map_points: Query samples drawn in the map (a seeded subset, the same samples before and after).
         plots: Draw the curves and the map after each evaluation.
+        shard_metrics: Keep each rank's shard of the features and compute the metrics across ranks (memory per
+            rank falls with the number of ranks); False: gather everything, rank 0 computes. None: True when
+            ``world_size > 1``.
     """
 
     def __init__(
@@ -92,6 +98,7 @@ class GeometryEval(L.Callback):
         embedding_map: str = "auto",
         max_map_points: int = 2000,
         plots: bool = True,
+        shard_metrics: bool | None = None,
     ):
         if bank_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"bank_dtype must be float32, float16 or bfloat16, got {bank_dtype!r}")
@@ -109,6 +116,7 @@ class GeometryEval(L.Callback):
         self.map_method = None if embedding_map == "none" else map_method(embedding_map)
         self.max_map_points, self.plots = max_map_points, plots
         self.map_features: dict[str, dict | None] = {"initial": None, "latest": None}  # the map's query subset
+        self.shard_metrics = shard_metrics
         self.history: list[dict] = []
         self.reference: dict | None = None  # the query features at fit start, for drift metrics
         self.initial_per_query: dict | None = None  # per-query correctness at fit start (paired comparisons)
@@ -132,7 +140,12 @@ class GeometryEval(L.Callback):
     def _features(self, trainer: L.Trainer, pl_module: L.LightningModule, dataset, max_size, what: str) -> dict:
         loader = trainer_shard_loader(trainer, dataset, max_size, self.settings.seed)
         local = extract(pl_module.embed, loader, pl_module.device, self.bank_dtype, what=what)
+        if self._sharded(trainer):
+            return own_rows(TorchDistComm(), local)
         return gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
+
+    def _sharded(self, trainer: L.Trainer) -> bool:
+        return trainer.world_size > 1 and self.shard_metrics is not False
 
     def _check_budget(self, n: int, dim: int) -> None:
         if self.memory_budget_gb is None:
@@ -153,17 +166,33 @@ class GeometryEval(L.Callback):
         with eval_mode(pl_module):
             bank_set = datamodule.bank_dataset()
             n_bank = min(len(bank_set), self.max_bank_size or len(bank_set))
-            self._check_budget(n_bank, pl_module.backbone.embed_dim)
+            sharded = self._sharded(trainer)
+            self._check_budget(-(-n_bank // trainer.world_size) if sharded else n_bank, pl_module.backbone.embed_dim)
             bank = self._features(trainer, pl_module, bank_set, self.max_bank_size, "bank (train) features")
             query = self._features(trainer, pl_module, datamodule.query_dataset(), self.max_query_size,
                                    "query features")
             novel = None
             if any("novel" in metric_keywords(m) for m in self.metrics) and hasattr(datamodule, "novel_dataset"):
                 novel = self._features(trainer, pl_module, datamodule.novel_dataset(), None, "novel features")
+        comm = TorchDistComm() if sharded else None
+        # The queries whole (sorted by index) on every rank: small, and what the pictures and the saved baseline need.
+        whole_query = gather_feature_set(comm, query) if sharded else query
         if self.needs_reference and self.reference is None:
-            self.reference = query  # this is the first evaluation (fit start): the drift metrics' baseline
+            self.reference = whole_query  # the first evaluation (fit start): the drift metrics' baseline
+        reference = self.reference
+        if sharded and reference is not None:  # this rank's rows of the baseline, in its query shard's order
+            rows = torch.searchsorted(reference["index"].to(query["index"].device), query["index"])
+            reference = {k: v.to(query["index"].device)[rows] for k, v in reference.items()}
         values: dict[str, float] | None = None
-        if trainer.is_global_zero:
+        counts = (len(bank["index"]), len(query["index"]))
+        if sharded:
+            per_query = {}
+            values = evaluate_features(bank, query, self.metrics, self.settings, novel=novel,
+                                       reference=reference, per_query=per_query, comm=comm)
+            if trainer.is_global_zero:
+                self._compare_with_initial(per_query, epoch)
+            counts = tuple(int(n) for n in comm.all_reduce(torch.tensor(counts)))
+        elif trainer.is_global_zero:
             per_query: dict = {}
             values = evaluate_features(bank, query, self.metrics, self.settings, novel=novel,
                                        reference=self.reference, per_query=per_query)
@@ -171,10 +200,10 @@ class GeometryEval(L.Callback):
         values = trainer.strategy.broadcast(values, src=0)
         self._check_collapse(values, epoch)
         row = {"epoch": epoch, "step": trainer.global_step, "seconds": round(time.perf_counter() - start, 3),
-               "n_bank": len(bank["index"]), "n_query": len(query["index"]), **values}
+               "n_bank": counts[0], "n_query": counts[1], **values}
         self.history = [r for r in self.history if r["epoch"] != epoch] + [row]
         self._log(trainer, values)
-        self._draw(trainer, query, epoch)
+        self._draw(trainer, whole_query, epoch)
         return values
 
     # -- pictures -----------------------------------------------------------------------------------

@@ -10,6 +10,8 @@
 - ``rbf_cka``: Gaussian-kernel CKA for small n (builds n x n Grams; refuses n > ``max_samples``).
 - ``MinibatchCKA``: Nguyen et al. (2021): the mean of per-minibatch unbiased HSIC terms, accumulated in a
   4-element state tensor that ranks can all-reduce (sum) before ``compute()``.
+- Across processes: ``linear_cka(..., comm=)`` takes each process's rows of the samples and all-reduces the
+  means and the d x d sums (memory per process: its rows plus three d x d float64 sums).
 
 All estimators need at least 4 samples (the unbiased estimator divides by n - 3) and raise ValueError
 below. A representation with no variance (or a non-positive self-similarity estimate) has no defined CKA:
@@ -73,12 +75,16 @@ def _gram_cka(gram_x: Tensor, gram_y: Tensor, debiased: bool) -> float:
     return _ratio(float((kx * ky).sum()), float((kx * kx).sum()), float((ky * ky).sum()))
 
 
-def linear_cka(x, y, debiased: bool = False, chunk_size: int | None = None) -> float:
+def linear_cka(x, y, debiased: bool = False, chunk_size: int | None = None, comm=None) -> float:
     """Linear CKA of x (N, Dx) and y (N, Dy), rows = the same samples; a Python float.
 
     Exact for any N; memory O(Dx^2 + Dy^2 + Dx Dy + N), or O(N^2) when that is smaller (N below ~D / 2).
     ``chunk_size`` = samples per streamed chunk (default 8192, fewer for very wide features).
+    ``comm`` (a ``geometry.comm.Communicator``): x and y are this process's rows of the samples; the means and
+    the d x d sums are all-reduced (always the feature-space form), giving the one-process value everywhere.
     """
+    if comm is not None:
+        return _sharded_linear_cka(x, y, debiased, chunk_size, comm)
     x, y = _pair(x, y)
     n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
     mean_x, mean_y = column_means(x).to(x.dtype), column_means(y).to(x.dtype)
@@ -86,7 +92,15 @@ def linear_cka(x, y, debiased: bool = False, chunk_size: int | None = None) -> f
     if 4 * n * n <= dx * dx + dy * dy + dx * dy:
         xc, yc = (x - mean_x).double(), (y - mean_y).double()
         return _gram_cka(xc @ xc.T, yc @ yc.T, debiased)
+    acc, row_sq_x, row_sq_y = _feature_space_sums(x, y, mean_x, mean_y, chunk_size)
+    scalars = torch.stack([row_sq_x.sum(), row_sq_y.sum(), row_sq_x @ row_sq_y, row_sq_x @ row_sq_x,
+                           row_sq_y @ row_sq_y]) if debiased else None
+    return _feature_space_cka(acc, scalars, n)
 
+
+def _feature_space_sums(x: Tensor, y: Tensor, mean_x: Tensor, mean_y: Tensor, chunk_size: int | None):
+    """Xc^T Yc, Xc^T Xc, Yc^T Yc (float64) and every sample's |xc|^2, |yc|^2, streamed over row chunks."""
+    n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
     acc = {"xy": (dx, dy), "xx": (dx, dx), "yy": (dy, dy)}
     acc = {key: torch.zeros(shape, dtype=torch.float64, device=x.device) for key, shape in acc.items()}
     row_sq_x = torch.empty(n, dtype=torch.float64, device=x.device)
@@ -100,18 +114,47 @@ def linear_cka(x, y, debiased: bool = False, chunk_size: int | None = None) -> f
         acc["yy"] += (yc.T @ yc).double()
         row_sq_x[start : start + step] = squared_norms(xc)
         row_sq_y[start : start + step] = squared_norms(yc)
+    return acc, row_sq_x, row_sq_y
+
+
+def _feature_space_cka(acc: dict, scalars: Tensor | None, n: int) -> float:
+    """CKA from the d x d sums; ``scalars`` = [sum |xc|^2, sum |yc|^2, sum |xc|^2 |yc|^2, sum |xc|^4,
+    sum |yc|^4] for the debiased estimator (None: the plug-in one)."""
     hsic = {key: float(m.pow(2).sum()) for key, m in acc.items()}
-    if debiased:
+    if scalars is not None:
         # Kornblith et al.'s feature-space form of the unbiased estimator (scaled by n(n-3)).
-        sq_norm_x, sq_norm_y = float(row_sq_x.sum()), float(row_sq_y.sum())
+        sq_norm_x, sq_norm_y, dot_xy, dot_xx, dot_yy = scalars.tolist()
 
-        def unbiased(product: float, rows_a: Tensor, rows_b: Tensor, norm_a: float, norm_b: float) -> float:
-            return product - n / (n - 2) * float(rows_a @ rows_b) + norm_a * norm_b / ((n - 1) * (n - 2))
+        def unbiased(product: float, rows_dot: float, norm_a: float, norm_b: float) -> float:
+            return product - n / (n - 2) * rows_dot + norm_a * norm_b / ((n - 1) * (n - 2))
 
-        hsic = {"xy": unbiased(hsic["xy"], row_sq_x, row_sq_y, sq_norm_x, sq_norm_y),
-                "xx": unbiased(hsic["xx"], row_sq_x, row_sq_x, sq_norm_x, sq_norm_x),
-                "yy": unbiased(hsic["yy"], row_sq_y, row_sq_y, sq_norm_y, sq_norm_y)}
+        hsic = {"xy": unbiased(hsic["xy"], dot_xy, sq_norm_x, sq_norm_y),
+                "xx": unbiased(hsic["xx"], dot_xx, sq_norm_x, sq_norm_x),
+                "yy": unbiased(hsic["yy"], dot_yy, sq_norm_y, sq_norm_y)}
     return _ratio(hsic["xy"], hsic["xx"], hsic["yy"])
+
+
+def _sharded_linear_cka(x, y, debiased: bool, chunk_size: int | None, comm) -> float:
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must be (N, D) shards of the same samples, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    x, y = x.to(dtype), y.to(device=x.device, dtype=dtype)
+    n = int(comm.all_reduce(torch.tensor([x.shape[0]], device=x.device))[0])
+    if n < MIN_SAMPLES:
+        raise ValueError(f"CKA needs at least {MIN_SAMPLES} samples (the unbiased HSIC estimator divides by "
+                         f"n - 3), got {n}")
+    sums = torch.cat([x.sum(dim=0, dtype=torch.float64), y.sum(dim=0, dtype=torch.float64)])
+    means = comm.all_reduce(sums) / n
+    mean_x, mean_y = means[: x.shape[1]].to(dtype), means[x.shape[1] :].to(dtype)
+    acc, row_sq_x, row_sq_y = _feature_space_sums(x, y, mean_x, mean_y, chunk_size)
+    acc = {key: comm.all_reduce(m) for key, m in acc.items()}
+    scalars = None
+    if debiased:
+        scalars = comm.all_reduce(torch.stack([row_sq_x.sum(), row_sq_y.sum(), row_sq_x @ row_sq_y,
+                                               row_sq_x @ row_sq_x, row_sq_y @ row_sq_y]))
+    return _feature_space_cka(acc, scalars, n)
 
 
 def linear_cka_matrix(xs: Sequence, ys: Sequence | None = None, debiased: bool = False,

@@ -92,16 +92,20 @@ def _class_votes(bank, bank_class, n_classes, queries, ks, temperature, distance
     """Yield, per query chunk, ``(start, {k: (votes, voted)})``: summed weights (chunk, C) float64 and whether
     at least one of the k neighbours belongs to the class (chunk, C) bool."""
     for start, top_index, weights in _neighbours(bank, queries, ks[-1], temperature, distance, chunk_size):
-        neighbour_class = bank_class[top_index]
-        out = {}
-        for k in ks:
-            votes = torch.zeros(top_index.shape[0], n_classes, dtype=torch.float64, device=bank.device)
-            votes.scatter_add_(1, neighbour_class[:, :k], weights[:, :k])
-            # Counted apart from the weights: a far neighbour's weight may underflow to 0 but is still a vote.
-            voted = torch.zeros(top_index.shape[0], n_classes, dtype=torch.bool, device=bank.device)
-            voted.scatter_(1, neighbour_class[:, :k], True)
-            out[k] = votes, voted
-        yield start, out
+        yield start, _votes(bank_class[top_index], weights, n_classes, ks)
+
+
+def _votes(neighbour_class: Tensor, weights: Tensor, n_classes: int, ks) -> dict:
+    """``{k: (votes, voted)}`` of one chunk's sorted neighbours' classes (chunk, max_k) and weights."""
+    out = {}
+    for k in ks:
+        votes = torch.zeros(neighbour_class.shape[0], n_classes, dtype=torch.float64, device=weights.device)
+        votes.scatter_add_(1, neighbour_class[:, :k], weights[:, :k])
+        # Counted apart from the weights: a far neighbour's weight may underflow to 0 but is still a vote.
+        voted = torch.zeros(neighbour_class.shape[0], n_classes, dtype=torch.bool, device=weights.device)
+        voted.scatter_(1, neighbour_class[:, :k], True)
+        out[k] = votes, voted
+    return out
 
 
 def _ranked_classes(bank, bank_class, n_classes, queries, ks, temperature, distance, chunk_size, n_ranks):
@@ -109,17 +113,20 @@ def _ranked_classes(bank, bank_class, n_classes, queries, ks, temperature, dista
 
     Only classes that received a vote are ranked; the ranks after the last voted class hold -1.
     """
-    n_ranks = min(n_ranks, n_classes)
     for start, votes in _class_votes(bank, bank_class, n_classes, queries, ks, temperature, distance, chunk_size):
-        ranked = {}
-        for k, (vote, voted) in votes.items():
-            if n_ranks == 1:
-                ranked[k] = vote.argmax(dim=1, keepdim=True)  # first maximum: the smallest label wins ties
-            else:
-                # Votes are >= 0, so -1 puts every class without a vote after all voted ones.
-                order = vote.masked_fill(~voted, -1.0).sort(dim=1, descending=True, stable=True).indices[:, :n_ranks]
-                ranked[k] = order.masked_fill_(~voted.gather(1, order), -1)
-        yield start, ranked
+        yield start, _rank(votes, min(n_ranks, n_classes))
+
+
+def _rank(votes: dict, n_ranks: int) -> dict:
+    ranked = {}
+    for k, (vote, voted) in votes.items():
+        if n_ranks == 1:
+            ranked[k] = vote.argmax(dim=1, keepdim=True)  # first maximum: the smallest label wins ties
+        else:
+            # Votes are >= 0, so -1 puts every class without a vote after all voted ones.
+            order = vote.masked_fill(~voted, -1.0).sort(dim=1, descending=True, stable=True).indices[:, :n_ranks]
+            ranked[k] = order.masked_fill_(~voted.gather(1, order), -1)
+    return ranked
 
 
 def knn_predict(bank, bank_labels, queries, ks: Sequence[int] = DEFAULT_KS, temperature: float | None = 0.07,
@@ -161,15 +168,25 @@ def _topk_hits_and_predictions(bank, bank_labels, queries, query_labels, ks, top
     """Per-query top-t hits ``{t: {k: (N,) bool}}`` and ``knn_predict``'s predictions from one retrieval (the first
     ranked class is the prediction)."""
     bank, bank_class, classes, queries, ks = _prepare(bank, bank_labels, queries, ks, distance)
-    query_labels = as_labels(query_labels, queries.shape[0], "query_labels").to(bank.device)
+    topk = _check_topk(topk)
+    ranked = _ranked_classes(bank, bank_class, len(classes), queries, ks, temperature, distance, chunk_size,
+                             n_ranks=topk[-1])
+    return _hits(ranked, classes, query_labels, queries.shape[0], ks, topk, bank.device)
+
+
+def _check_topk(topk) -> tuple[int, ...]:
     topk = tuple(sorted({int(t) for t in topk}))
     if not topk or topk[0] < 1:
         raise ValueError(f"topk must be positive integers, got {topk}")
-    n = queries.shape[0]
-    hits = {t: {k: torch.empty(n, dtype=torch.bool, device=bank.device) for k in ks} for t in topk}
-    predictions = {k: torch.empty(n, dtype=torch.long, device=bank.device) for k in ks}
-    for start, ranked in _ranked_classes(bank, bank_class, len(classes), queries, ks, temperature, distance,
-                                         chunk_size, n_ranks=topk[-1]):
+    return topk
+
+
+def _hits(ranked_chunks, classes, query_labels, n, ks, topk, device):
+    """``_topk_hits_and_predictions``'s output from the chunks of ``_ranked_classes``."""
+    query_labels = as_labels(query_labels, n, "query_labels").to(device)
+    hits = {t: {k: torch.empty(n, dtype=torch.bool, device=device) for k in ks} for t in topk}
+    predictions = {k: torch.empty(n, dtype=torch.long, device=device) for k in ks}
+    for start, ranked in ranked_chunks:
         for k in ks:
             rows = slice(start, start + ranked[k].shape[0])
             predicted = classes[ranked[k].clamp(min=0)]
@@ -286,13 +303,31 @@ def _suite_ks(bank, settings) -> tuple[int, ...]:
     return ks
 
 
-def knn_metrics(bank, query, settings) -> dict[str, float]:
+def knn_metrics(bank, query, settings, *, comm=None) -> dict[str, float]:
     """Suite metric ``knn``: ``knn_top{t}@{k}`` and the top-1 balanced accuracy ``knn_balanced@{k}`` for every k
     of ``settings.knn_ks`` the bank can feed, from one retrieval.
 
     Multi-label data ((N, L) 0/1 labels) gives instead, per k, the per-label macro AUC ``knn_auc@{k}`` and the
     mean per-label accuracy ``knn_label_acc@{k}`` of the weighted label fractions (``knn_multilabel_scores``).
+    With ``comm`` over several processes, each holding its shard of bank and queries: the queries are gathered,
+    the bank stays sharded (``sharded_knn_hits_and_predictions``, neighbours at equal distance ranked by sample
+    index); multi-label data gathers the bank too.
     """
+    from geometry.comm import gather_feature_set, is_sharded
+    from geometry.knn_sharded import sharded_knn_hits_and_predictions
+
+    if is_sharded(comm):
+        query = gather_feature_set(comm, query)
+        if query["label"].ndim > 1:
+            return knn_metrics(gather_feature_set(comm, bank), query, settings)
+        size = {"embedding": range(int(comm.all_reduce(torch.tensor([len(bank["embedding"])]))[0]))}
+        ks = _suite_ks(size, settings)
+        if not ks:
+            return {}
+        hits, predictions = sharded_knn_hits_and_predictions(
+            bank["embedding"].float(), bank["label"], bank["index"], query["embedding"].float(), query["label"], comm,
+            ks, settings.knn_topk, settings.knn_temperature)
+        return _topk_entries(hits, predictions, query, ks, settings)
     ks = _suite_ks(bank, settings)
     if not ks:
         return {}
@@ -306,6 +341,10 @@ def knn_metrics(bank, query, settings) -> dict[str, float]:
     hits, predictions = _topk_hits_and_predictions(
         bank["embedding"].float(), bank["label"], query["embedding"].float(), query["label"], ks, settings.knn_topk,
         settings.knn_temperature, "cosine", None)
+    return _topk_entries(hits, predictions, query, ks, settings)
+
+
+def _topk_entries(hits, predictions, query, ks, settings) -> dict:
     out = {f"knn_top{t}@{k}": PerQuery(hit) for t in settings.knn_topk for k, hit in hits[t].items()}
     label = query["label"].to(predictions[ks[0]].device)  # one tensor: the intervals share their resamples
     out.update({f"knn_balanced@{k}": BalancedAccuracy(predictions[k], label) for k in ks})

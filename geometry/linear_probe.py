@@ -35,6 +35,7 @@ from geometry.classification import (
     multilabel_accuracy,
     multilabel_macro_auc,
 )
+from geometry.comm import as_shard
 from geometry.common import addmm_rows, as_features, as_labels, column_means
 from geometry.knn import lowshot_subsets
 from geometry.stats import BalancedAccuracy, PerQuery
@@ -81,21 +82,24 @@ def _stacked(params: Tensor, d: int, c: int) -> tuple[Tensor, Tensor]:
 
 
 def _loss_and_grad(x: Tensor, target: Tensor, params: Tensor, l2: Tensor, n_classes: int,
-                   step: int) -> tuple[Tensor, Tensor]:
+                   step: int, comm=None, n_total: int | None = None) -> tuple[Tensor, Tensor]:
     """Losses (A,) float64 and gradients (A, P) of A heads; params rows = [W (D x C) flattened, b (C)].
 
     The gradient is written by hand (no autograd graph): d(mean CE)/d logits = (softmax - onehot) / n,
     built in place in the logits buffer of each row chunk (one exp pass, no separate logsumexp).
+    ``comm``: x is this process's shard of ``n_total`` samples; the data terms are all-reduced, so every process
+    gets the loss and gradient of all samples (the penalty is added once, after).
     """
-    n, d = x.shape
+    n, d = x.shape[0] if n_total is None else n_total, x.shape[1]
     a, c = params.shape[0], n_classes
     w_flat = params[:, : d * c]
     w, b = _stacked(params, d, c)
     # float64 sums: the line search compares losses that differ by ~|grad|^2 near the optimum.
-    loss = 0.5 * l2.double() * w_flat.pow(2).sum(dim=1, dtype=torch.float64)
+    penalty = 0.5 * l2.double() * w_flat.pow(2).sum(dim=1, dtype=torch.float64)
+    loss = penalty if comm is None else torch.zeros_like(penalty)
     grad_w = torch.zeros(d, a * c, dtype=x.dtype, device=x.device)
     grad_b = torch.zeros(a * c, dtype=x.dtype, device=x.device)
-    for start in range(0, n, step):
+    for start in range(0, x.shape[0], step):
         xb, tb = x[start : start + step], target[start : start + step]
         logits = addmm_rows(b, xb, w).view(-1, a, c)  # blocked on CPU: 1.6x faster at C = 100
         true_class = tb.view(-1, 1, 1).expand(-1, a, 1)
@@ -108,8 +112,12 @@ def _loss_and_grad(x: Tensor, target: Tensor, params: Tensor, l2: Tensor, n_clas
                                                                  device=x.device))
         grad_w.addmm_(xb.T, probs.view(-1, a * c), alpha=1.0 / n)
         grad_b += probs.view(-1, a * c).sum(dim=0)
-    grad_w = grad_w.view(d, a, c).permute(1, 0, 2).reshape(a, d * c).add_(w_flat * l2.unsqueeze(1))
-    return loss, torch.cat([grad_w, grad_b.div_(n).view(a, c)], dim=1)
+    grad_w = grad_w.view(d, a, c).permute(1, 0, 2).reshape(a, d * c)
+    if comm is None:
+        return loss, torch.cat([grad_w.add_(w_flat * l2.unsqueeze(1)), grad_b.div_(n).view(a, c)], dim=1)
+    grad = comm.all_reduce(torch.cat([grad_w, grad_b.div_(n).view(a, c)], dim=1))
+    grad[:, : d * c] += w_flat * l2.unsqueeze(1)
+    return comm.all_reduce(loss) + penalty, grad
 
 
 def _batched_lbfgs(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], params: Tensor, head_args: Tensor,
@@ -192,7 +200,7 @@ def _batched_lbfgs(evaluate: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], 
 
 def fit_logistic(x, y, l2: float | Sequence[float], max_iter: int = 500, tol: float = 1e-4, history_size: int = 10,
                  classes: Tensor | None = None, init: tuple[Tensor, Tensor] | None = None,
-                 chunk_size: int | None = None) -> LogisticHeads:
+                 chunk_size: int | None = None, comm=None) -> LogisticHeads:
     """Fit one head per ``l2`` value on features x (N, D) with integer labels y (N,).
 
     No standardisation happens here (``linear_probe`` does it); use the l2 <-> C mapping in the module doc
@@ -200,10 +208,14 @@ def fit_logistic(x, y, l2: float | Sequence[float], max_iter: int = 500, tol: fl
     the output columns (default: sorted unique labels of y); ``init`` = (weight (G, D, C), bias (G, C))
     warm-starts the optimiser. Memory: one row chunk of (chunk, G x C) logits plus 2 x history_size x G x
     (D + 1) x C floats of L-BFGS history.
+    ``comm`` (a ``geometry.comm.Communicator``): x, y are this process's shard; losses and gradients are summed
+    over processes, so every process runs the same L-BFGS steps and returns the same heads.
     """
-    x = as_features(x)
+    x = as_features(x) if comm is None else as_shard(x)
     y = as_labels(y, x.shape[0]).to(x.device)
     l2_values = torch.tensor(_check_l2(l2), dtype=x.dtype, device=x.device)
+    if classes is None and comm is not None:
+        classes = torch.unique(torch.cat(comm.all_gather(torch.unique(y))))
     classes = torch.unique(y) if classes is None else classes.to(x.device)
     target = torch.searchsorted(classes, y).clamp_(max=len(classes) - 1)
     if not torch.equal(classes[target], y):
@@ -217,8 +229,10 @@ def fit_logistic(x, y, l2: float | Sequence[float], max_iter: int = 500, tol: fl
     # A cache-sized logits chunk: the elementwise passes over it then stay out of main memory.
     step = chunk_size or max(256, _LOGIT_CHUNK_ELEMENTS // (g * c))
 
+    n_total = None if comm is None else int(comm.all_reduce(torch.tensor([n], device=x.device))[0])
+
     def evaluate(points: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
-        return _loss_and_grad(x, target, points, l2, c, step)
+        return _loss_and_grad(x, target, points, l2, c, step, comm, n_total)
 
     params, iterations = _batched_lbfgs(evaluate, params, l2_values, max_iter, tol, history_size)
     return LogisticHeads(params[:, : d * c].reshape(g, d, c), params[:, d * c :], l2_values, classes, iterations)
@@ -349,14 +363,20 @@ def lowshot_linear_probe_accuracy(bank_x, bank_y, query_x, query_y, n_per_class:
     return result
 
 
-def linear_metrics(bank, query, settings) -> dict[str, float]:
+def linear_metrics(bank, query, settings, *, comm=None) -> dict[str, float]:
     """Suite metric ``linear``: fit on the bank (L2 chosen on its holdout), scored on the queries.
 
     ``linear_probe_acc``, the balanced accuracy ``linear_probe_balanced_acc`` and the one-vs-rest macro AUC of
     the test probabilities ``linear_probe_auc``. Multi-label data ((N, L) 0/1 labels): one binary probe per
     label (``multilabel_linear_probe``), giving the per-label macro AUC ``linear_probe_auc`` and the mean
     per-label accuracy ``linear_probe_label_acc``.
+    With ``comm`` over several processes the bank stays sharded (``geometry.linear_probe_sharded``; multi-label
+    data gathers it) and the queries are gathered, sorted by sample index.
     """
+    if comm is not None and comm.world_size > 1:
+        from geometry.linear_probe_sharded import sharded_linear_metrics
+
+        return sharded_linear_metrics(bank, query, settings, comm)
     if query["label"].ndim > 1:
         fit = multilabel_linear_probe(bank["embedding"].float(), bank["label"], query["embedding"].float(),
                                       query["label"], l2_grid=settings.probe_l2_grid, seed=settings.seed)
@@ -364,6 +384,10 @@ def linear_metrics(bank, query, settings) -> dict[str, float]:
                 **auc_entry("linear_probe_auc", lambda: multilabel_macro_auc(fit["scores"], query["label"]))}
     fit = linear_probe(bank["embedding"].float(), bank["label"], query["embedding"].float(), query["label"],
                        l2_grid=settings.probe_l2_grid, seed=settings.seed, return_probabilities=True)
+    return _single_label_entries(fit, query)
+
+
+def _single_label_entries(fit: dict, query) -> dict:
     y = query["label"].to(fit["predictions"].device)
     return {"linear_probe_acc": PerQuery(fit["predictions"] == y),
             "linear_probe_balanced_acc": BalancedAccuracy(fit["predictions"], y),

@@ -193,7 +193,9 @@ def alpha_req(x, fit_range: tuple[int, int] = (11, 100), *, chunk_size: int | No
     c), i 1-based. As reptrix's ``get_powerlaw``: a least-squares fit weighted by 1/i over i in ``fit_range``
     (11..100, inclusive). Only numerically positive eigenvalues (above 1e-10 x the largest) enter: the range
     is cut at their count, and when fewer than 2 of them fall in it (e.g. D < 12) the fit uses i = 1..count
-    instead, with a warning. NaN when fewer than 2 positive eigenvalues exist.
+    instead, with a warning. NaN when fewer than 2 positive eigenvalues exist. With fewer samples than
+    dimensions the tail eigenvalues sit near the float32 rounding of the embeddings (~1e-7 of the largest), so
+    recomputed embeddings (another batch size, device or process count) can move alpha by ~1e-2 there.
     """
     if not 1 <= fit_range[0] < fit_range[1]:
         raise ValueError(f"fit_range must be 1 <= low < high, got {fit_range}")

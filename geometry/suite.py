@@ -8,6 +8,11 @@ nothing else computes a metric for a run.
 - A **metric** is a function ``fn(bank, query, settings) -> dict[str, float]``. It may also accept keyword-only
   ``novel=`` (held-out sub-classes) and ``reference=`` (the same query samples embedded at fit start, for drift
   metrics); the suite passes only the keywords a metric declares.
+- **Across processes** (``comm=`` a ``geometry.comm.Communicator`` spanning several processes): each process
+  passes its own shard of every feature set. A metric that declares keyword ``comm`` receives it and works on
+  the shards (it returns the one-process values, identical on every process; per-query values cover the whole
+  query set sorted by sample index). A metric that does not is given the feature sets made whole on every
+  process (all-gathered when it first reads them, sorted by sample index). ``comm=None`` (or one process) changes nothing.
 - Built-in metrics have short names (:data:`BUILTIN_METRICS`). **Any dotted path** ``package.module.function``
   names a user's own metric, in every ``metrics:`` list (GeometryEval, ContinualEval, probe.py), with no fmprobe
   file changed. Adding a built-in: its geometry module (the function), one line in :data:`BUILTIN_METRICS`, its
@@ -159,6 +164,39 @@ def _keywords(metric: Metric) -> dict[str, inspect.Parameter]:
             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
+class _GatheredOnUse(Mapping):
+    """A sharded feature set, gathered (sorted by sample index) when a metric first reads a field: the metrics
+    that never read the bank (few-shot, hierarchy) cost no bank-sized gather. Every process runs the same metric
+    code, so all reach the gather together. Keys and ``in`` answer from the shard, without gathering."""
+
+    def __init__(self, comm, shard: FeatureSet) -> None:
+        self._comm, self._shard, self._whole = comm, shard, None
+
+    def __getitem__(self, key: str) -> Tensor:
+        if self._whole is None:
+            from geometry.comm import gather_feature_set
+
+            self._whole = gather_feature_set(self._comm, self._shard)
+        return self._whole[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._shard
+
+    def __iter__(self):
+        return iter(self._shard)
+
+    def __len__(self) -> int:
+        return len(self._shard)
+
+
+def _takes_comm(metric: Metric) -> bool:
+    try:
+        parameter = inspect.signature(metric).parameters.get("comm")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+
+
 def _checked(name: str, values) -> dict:
     """The metric's values as floats or ``geometry.stats.PerQuery`` (whose interval the suite adds)."""
     from geometry.stats import PerQuery
@@ -180,7 +218,7 @@ def _checked(name: str, values) -> dict:
 def evaluate_features(bank: FeatureSet, query: FeatureSet, metrics: Iterable[str],
                       settings: MetricSettings | None = None, novel: FeatureSet | None = None,
                       reference: FeatureSet | None = None, on_error: str = "raise",
-                      per_query: dict | None = None) -> dict[str, float]:
+                      per_query: dict | None = None, comm=None) -> dict[str, float]:
     """Every requested metric of one (bank, query) pair of feature sets, as one flat ``{name: float}``.
 
     kNN and the linear probe learn from the bank and are scored on the queries; k-means, few-shot and the
@@ -192,26 +230,37 @@ def evaluate_features(bank: FeatureSet, query: FeatureSet, metrics: Iterable[str
     Accuracy-like values come with a 95% percentile bootstrap interval over the queries as ``<key>_ci_low`` /
     ``<key>_ci_high`` (``settings.bootstrap_n`` resamples, seeded; 0 turns them off). Pass a dict as
     ``per_query`` to receive their per-query vectors (``geometry.stats.PerQuery``) for paired comparisons.
+    ``comm``: a ``geometry.comm.Communicator`` when the feature sets are shards of several processes (module doc).
     """
+    from geometry.comm import is_sharded
     from geometry.stats import PerQuery, with_intervals
 
     if on_error not in ("raise", "warn"):
         raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
     settings = MetricSettings() if settings is None else settings
     available = {"novel": novel, "reference": reference}
+    sharded = is_sharded(comm)
+    whole: dict | None = None  # the feature sets gathered on first use, for the metrics that need every sample
     out: dict[str, float] = {}
     for name in metrics:
         metric = resolve_metric(name)
-        kwargs = {}
+        kwargs, sets = {}, (bank, query, available)
+        if sharded and _takes_comm(metric):
+            kwargs["comm"] = comm
+        elif sharded:
+            if whole is None:
+                whole = {key: None if value is None else _GatheredOnUse(comm, value)
+                         for key, value in {"bank": bank, "query": query, **available}.items()}
+            sets = (whole["bank"], whole["query"], {"novel": whole["novel"], "reference": whole["reference"]})
         for keyword, parameter in _keywords(metric).items():
-            if available[keyword] is None and parameter.default is inspect.Parameter.empty:
+            if sets[2][keyword] is None and parameter.default is inspect.Parameter.empty:
                 warnings.warn(f"metric {name!r} needs {keyword} features, which this evaluation does not have; "
                               "skipped", stacklevel=2)
                 break
-            kwargs[keyword] = available[keyword]
+            kwargs[keyword] = sets[2][keyword]
         else:
             try:
-                values = _checked(name, metric(bank, query, settings, **kwargs))
+                values = _checked(name, metric(sets[0], sets[1], settings, **kwargs))
             except ValueError as error:
                 if on_error == "raise":
                     raise

@@ -19,6 +19,8 @@ DDP_DATA = [
     "--trainer.max_epochs", "1",
     "--trainer.limit_train_batches", "2",
     "--model.init_args.freeze", "all",         # a frozen backbone: embeddings identical after training too
+    # label-free quality and the drift metrics too: the baseline must reach every rank aligned with its shard
+    "--trainer.callbacks.metrics", "[knn, kmeans, linear, quality, similarity]",
 ]
 
 
@@ -75,6 +77,11 @@ def test_two_process_ddp_gives_the_one_process_geometry(tmp_path):
         assert r1["n_bank"] == r2["n_bank"] == 101 and r1["n_query"] == r2["n_query"] == 49
         for key, value in r1.items():
             if key not in ("seconds", "step"):
-                assert r2[key] == pytest.approx(value, abs=1e-5), key
+                # alpha-ReQ fits log eigenvalues down to ~1e-7 of the largest, and LiDAR whitens by the within-class
+                # scatter, when queries (49) < dims (64): the float32 rounding of embeddings computed in other batch
+                # compositions moves them (measured: 5.5% and 0.3%; geometry/quality.py). Every other number,
+                # the drift metrics included, agrees to 1e-5.
+                tolerance = {"alpha_req": {"rel": 0.1}, "lidar": {"rel": 1e-2}}.get(key, {"abs": 1e-5})
+                assert r2[key] == pytest.approx(value, **tolerance), key
     assert (tmp_path / "two" / "config.yaml").exists()
     assert (tmp_path / "two" / "checkpoints" / "last.ckpt").exists()
