@@ -220,7 +220,7 @@ class FMProbeCLI(LightningCLI):
             if sys.stdout.isatty():
                 callbacks = [*callbacks, RichProgressBar(leave=True)]
             else:
-                from callbacks.progress import PlainProgress
+                from features.progress import PlainProgress
 
                 every = self._stage_config().get("progress_every_s", 30.0)
                 callbacks = [*callbacks, PlainProgress(every_s=every)]

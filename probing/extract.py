@@ -125,7 +125,7 @@ def progress_bar():
     """Rich's bar on a terminal; plain lines (batch, images/s, ETA every 30 s) in a log file (nohup, SLURM)."""
     if sys.stdout.isatty():
         return _DescribedProgressBar(leave=True)
-    from callbacks.progress import PlainProgress
+    from features.progress import PlainProgress
 
     return PlainProgress()
 

@@ -39,7 +39,11 @@ def test_auto_query_split_is_geometry_evals_and_gives_its_numbers(val_fraction, 
     as_geometry_eval = evaluate_features(bank, geometry_eval_query, ["knn", "kmeans", "linear"], settings)
     as_probe = layer_metrics({"train": {FINAL_LAYER: bank}, "query": {FINAL_LAYER: query}}, FINAL_LAYER,
                              ["knn", "kmeans", "linear"], settings)
-    assert as_probe == as_geometry_eval
+    # probe.py runs one metric per call, GeometryEval all together: the intervals' shared product then has other
+    # columns, which may move its last bit; the point values are identical.
+    assert as_probe.keys() == as_geometry_eval.keys()
+    for key, value in as_geometry_eval.items():
+        assert as_probe[key] == (pytest.approx(value, abs=1e-12) if "_ci_" in key else value), key
 
 
 def test_val_query_split_without_val_samples_is_an_error():
