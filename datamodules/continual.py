@@ -40,8 +40,8 @@ from datamodules.experiences import (  # noqa: F401  (rank_shard is part of this
     PixelPermutation,
     Rotation,
     rank_shard,
-    source_labels,
 )
+from datamodules.splits import source_labels
 from datamodules.trainer_loop import set_max_epochs
 
 log = logging.getLogger(__name__)
@@ -263,6 +263,9 @@ class ContinualDataModule(BaseDataModule):
             if source is None:
                 continue
             labels = source_labels(source)
+            if labels is None:
+                raise ValueError(f"a continual stream needs one class per sample; the {split} split of "
+                                 f"{type(self.dataset).__name__} has multi-label targets")
             self._labels[split] = labels
             parts = []
             for experience, classes in enumerate(self.experience_classes):

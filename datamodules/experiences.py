@@ -9,8 +9,6 @@ import torch
 from torch.utils.data import Dataset
 from torch.utils.data import Subset as TorchSubset
 
-from datamodules.base import Subset
-
 
 def rank_shard(dataset: Dataset, world_size: int, rank: int) -> Dataset:
     """This rank's strided part of ``dataset`` without the padding DistributedSampler adds.
@@ -21,20 +19,6 @@ def rank_shard(dataset: Dataset, world_size: int, rank: int) -> Dataset:
     if world_size <= 1:
         return dataset
     return TorchSubset(dataset, range(rank, len(dataset), world_size))
-
-
-def source_labels(source: Sequence) -> np.ndarray:
-    """The class label of every item of a source, without decoding images where the source allows it."""
-    if isinstance(source, Subset):
-        return source_labels(source.source)[np.asarray(source.indices, dtype=np.int64)]
-    for attribute in ("labels", "targets"):
-        labels = getattr(source, attribute, None)
-        if labels is not None and not callable(labels):
-            return np.asarray(labels, dtype=np.int64).reshape(-1)
-    samples = getattr(source, "samples", None)  # FolderDataModule's FileSource: (path, label) pairs
-    if isinstance(samples, list):
-        return np.asarray([s[1] for s in samples], dtype=np.int64)
-    return np.asarray([int(source[i][1]) for i in range(len(source))], dtype=np.int64)
 
 
 class PixelPermutation:
