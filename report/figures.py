@@ -84,3 +84,42 @@ def accuracy_matrix_figure(matrix: list[list[float | None]], title: str = "accur
     figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()
     return figure
+
+
+def accuracy_matrices_figure(matrices: dict[str, list[list[float | None]]]):
+    """Annotated heatmaps of several T x T accuracy matrices side by side (e.g. the head's R and R_repr)."""
+    size = max(len(m) for m in matrices.values())
+    figure, axes = plt.subplots(1, len(matrices), figsize=((1.8 + 0.6 * size) * len(matrices), 1.2 + 0.55 * size),
+                                squeeze=False, layout="constrained")
+    for axis, (title, matrix) in zip(axes[0], matrices.items()):
+        values = torch.tensor([[math.nan if v is None else v for v in row] for row in matrix], dtype=torch.float64)
+        image = axis.imshow(values.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
+        for i, j in torch.nonzero(~values.isnan()).tolist():
+            axis.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                      color="white" if values[i, j] < 0.6 else "black")
+        axis.set_xticks(range(len(matrix)))
+        axis.set_yticks(range(len(matrix)))
+        axis.set_xlabel("tested on experience j")
+        axis.set_ylabel("after training experience i")
+        axis.set_title(title)
+    figure.colorbar(image, ax=list(axes[0]), fraction=0.046 / len(matrices))
+    return figure
+
+
+def accuracy_curves_figure(curves: dict[str, dict[int, list[list[float]]]], ends: list[int]):
+    """Accuracy vs training step, one panel per kind (e.g. head, kNN), one line per experience, dashed lines
+    where an experience's training ended (the stability gap is the dip of an old experience after a boundary)."""
+    figure, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
+    for axis, (kind, by_experience) in zip(axes[0], curves.items()):
+        for experience, points in sorted(by_experience.items(), key=lambda item: int(item[0])):
+            steps, accuracies = zip(*points) if points else ((), ())
+            axis.plot(steps, accuracies, marker=".", markersize=3, linewidth=1, label=f"experience {experience}")
+        for end in ends:
+            axis.axvline(end, color="grey", linestyle="--", linewidth=0.8)
+        axis.set_ylim(-0.02, 1.02)
+        axis.set_xlabel("training step")
+        axis.set_ylabel("accuracy")
+        axis.set_title(f"{kind} accuracy within experiences")
+        axis.legend(fontsize=6, loc="lower left")
+    figure.tight_layout()
+    return figure
