@@ -121,6 +121,9 @@ class ContinualModule(StrategySteps, BackboneModule):
         self.strategy = strategy
         self.streaming = (StreamingHead(strategy, self.num_classes, self.backbone.embed_dim, slda_shrinkage)
                           if strategy in STREAMING else None)
+        # No loss to minimise: the streaming strategies drive the (gradient-free) step themselves (Lightning's
+        # automatic optimization refuses a step without a loss under DDP).
+        self.automatic_optimization = self.streaming is None
         self.ewc = EWCPenalty(ewc_mode, ewc_gamma) if strategy == "ewc" else None
         self.replay = ReservoirBuffer(replay_memory, replay_balance, seed) if strategy == "replay" else None
         self.head: nn.Module | None = None
@@ -289,7 +292,7 @@ class ContinualModule(StrategySteps, BackboneModule):
         if batch is None:  # every image of the batch was unreadable and skipped
             return None
         if self.streaming is not None:
-            return self._stream_step(batch)  # None: Lightning makes no optimizer step
+            return self._stream_step(batch)
         experience = self.current_experience
         images, labels, task = batch["image"], batch["label"], batch.get("task")
         replayed = self._replay_batch()

@@ -43,15 +43,17 @@ class StrategySteps:
 
     def _stream_step(self, batch: dict) -> None:
         """ncm / slda: one update of the streaming classifier per sample, in the first epoch of an experience."""
-        if self.lp_ft_epoch() != 0:
-            return
-        with torch.no_grad():
-            features, labels = self.embed(batch["image"]), batch["label"]
-        if self.trainer.world_size > 1:  # every rank consumes every rank's samples, in rank order
-            features, labels = self.all_gather(features).flatten(0, 1), self.all_gather(labels).flatten(0, 1)
-        self.streaming.fit(features, labels)
+        if self.lp_ft_epoch() == 0:
+            with torch.no_grad():
+                features, labels = self.embed(batch["image"]), batch["label"]
+            if self.trainer.world_size > 1:  # every rank consumes every rank's samples, in rank order
+                features, labels = self.all_gather(features).flatten(0, 1), self.all_gather(labels).flatten(0, 1)
+            self.streaming.fit(features, labels)
+        # A step with no gradient: the optimizer changes nothing (AdamW skips parameters without a gradient),
+        # but Lightning counts it, so global_step, step-based checkpoints and the stability curves run as usual.
+        self.optimizers().step()
         self.log("continual/experience", float(self.current_experience), on_step=False, on_epoch=True,
-                 batch_size=len(labels))
+                 batch_size=len(batch["label"]))
 
     def _frozen_copy(self) -> list[nn.Module]:
         return [copy.deepcopy(m).eval().requires_grad_(False) for m in (self.backbone, self.head)]
