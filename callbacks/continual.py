@@ -229,9 +229,7 @@ class ContinualEval(L.Callback):
             k = self._knn_k(trainer)
             settings = dataclasses.replace(self.settings, knn_ks=(k,), knn_topk=(1,))
             found = evaluate_features(bank, query, ("knn", "linear") if probe else ("knn",), settings)
-            values = {"knn": found[f"knn_top1@{k}"]}
-            if probe:
-                values["probe"] = found["linear_probe_acc"]
+            values = {"knn": found[f"knn_top1@{k}"], **({"probe": found["linear_probe_acc"]} if probe else {})}
         return trainer.strategy.broadcast(values, src=0)
 
     def _stability_point(self, trainer: L.Trainer, pl_module: L.LightningModule, current: int) -> None:
@@ -339,8 +337,7 @@ class ContinualEval(L.Callback):
             values.update({f"continual/{prefix}R_{i}_{j}": a for j, a in enumerate(row[key])})
             values.update({f"continual/{prefix}acc_exp{j}": a for j, a in enumerate(row[key])})
             values.update({f"continual/{prefix}{k}": v for k, v in self.metrics(key).items()})
-        values["continual/acc_seen"] = row["acc_seen"]
-        values["continual/after_experience"] = float(i)
+        values.update({"continual/acc_seen": row["acc_seen"], "continual/after_experience": float(i)})
         values.update({f"continual/geometry_{k}": v for k, v in row.get("geometry", {}).items()})
         values.update({f"continual/cka_block{b}": v for b, v in enumerate(row.get("cka", []))})
         values.update({f"continual/{k}_exp{i}": v for k, v in row["resources"].items() if k != "resumed"})
@@ -372,9 +369,7 @@ class ContinualEval(L.Callback):
             if prefix:
                 section.update({f"{prefix}accuracy_matrix": self.accuracy_matrix(key),
                                 f"{prefix}metrics": self.metrics(key)})
-        if self.repr_matrix:
-            section["repr_k"] = self.repr_k
-        section.update(per_class_acc=last.get("per_class_acc"), per_class_acc_after=last.get("experience"),
+        section.update(repr_k=self.repr_k if self.repr_matrix else None, per_class_acc=last.get("per_class_acc"), per_class_acc_after=last.get("experience"),
                        experiences=[self.rows[e] for e in sorted(self.rows)])
         if self.eval_every_n_steps:
             section["stability"] = {"eval_every_n_steps": self.eval_every_n_steps,
