@@ -48,7 +48,7 @@ def fit(epochs_per_experience: int = 1, experiences: int = 2, **model_kwargs):
     return model.eval(), data, recorder
 
 
-def test_data():
+def query_images():
     data = ContinualDataModule(DigitsDataModule(limit_data=60, num_workers=0), n_experiences=2,
                                preprocessing={"input_size": 16, "mean": (0.5,) * 3, "std": (0.5,) * 3})
     data.setup("fit")
@@ -69,7 +69,7 @@ def test_ncm_strategy_equals_a_nearest_centroid_classifier_on_the_same_features(
     features, labels = seen_features(model, recorder, epochs_per_experience=2)
     assert len(labels) == 2 * 3 * 8  # 2 experiences x 3 batches of the first epoch of each
     assert int(model.streaming.model.counts.sum()) == len(labels)  # one pass: the second epochs fit nothing
-    queries = test_data()
+    queries = query_images()
     with torch.no_grad():
         predicted = model.logits(queries, upto=1).argmax(1)
         query_features = model.embed(queries)
@@ -85,7 +85,7 @@ def test_slda_strategy_equals_streaming_lda_fit_on_the_same_features_in_stream_o
     model, _, recorder = fit(strategy="slda", freeze="all", slda_shrinkage=1e-3)
     features, labels = seen_features(model, recorder)
     reference = StreamingLDA(10, features.shape[1], shrinkage=1e-3).fit(features, labels)
-    queries = test_data()
+    queries = query_images()
     with torch.no_grad():
         scores = model.logits(queries, upto=1)
         query_features = model.embed(queries)
