@@ -69,6 +69,10 @@ class BackboneModule(L.LightningModule):
         freeze_norm_stats: Keep the backbone's BatchNorm running statistics as loaded (BatchNorm layers stay in
             eval mode while their weights still train). Small, off-distribution data (digits on an ImageNet CNN)
             otherwise re-estimates them and can wreck the zero-shot geometry in the first epoch.
+        lp_ft_epochs: LP-FT (Kumar et al. 2022): the first this many epochs train with the whole backbone frozen
+            (a linear probe of the head), the rest under ``freeze``; 0: off. Continual modules count the epochs
+            of each experience. Under DDP the frozen phase leaves parameters without gradients: use
+            ``strategy: ddp_find_unused_parameters_true``.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class BackboneModule(L.LightningModule):
         lr_scaling: str = "none",
         lr_reference_batch_size: int = 256,
         freeze_norm_stats: bool = False,
+        lp_ft_epochs: int = 0,
     ):
         super().__init__()
         if scheduler not in ("cosine", "none"):
@@ -98,6 +103,8 @@ class BackboneModule(L.LightningModule):
             raise ValueError(f"lr_scaling must be 'none', 'linear' or 'sqrt', got {lr_scaling!r}")
         if on_nonfinite not in ("error", "skip"):
             raise ValueError(f"on_nonfinite must be 'error' or 'skip', got {on_nonfinite!r}")
+        if lp_ft_epochs < 0:
+            raise ValueError(f"lp_ft_epochs must be >= 0, got {lp_ft_epochs}")
         self.save_hyperparameters()
         self.backbone = Backbone(
             backbone, weights=weights, freeze=freeze, image_size=image_size,
@@ -118,6 +125,31 @@ class BackboneModule(L.LightningModule):
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
+
+    # -- LP-FT ----------------------------------------------------------------------------------------
+    def lp_ft_epoch(self) -> int:
+        """The epoch ``lp_ft_epochs`` counts (a continual module: the epoch within the experience)."""
+        return self.current_epoch
+
+    def apply_lp_ft(self) -> None:
+        """The whole backbone frozen during the first ``lp_ft_epochs`` epochs, the ``freeze`` policy after.
+
+        Only at the start of an epoch or batch, never before ``configure_optimizers``: the optimizer is built under
+        the ``freeze`` policy and so holds the backbone's parameters; while frozen they get no gradient, and AdamW
+        skips a parameter without a gradient (no update, no weight decay, no moment change).
+        """
+        if not self.hparams.get("lp_ft_epochs", 0):
+            return
+        policy = "all" if self.lp_ft_epoch() < self.hparams.lp_ft_epochs else self.hparams.freeze
+        if self.backbone.freeze_policy != policy:
+            self.backbone.set_freeze(policy)
+            self.train(self.training)  # frozen blocks (and freeze_norm_stats' BatchNorms) in eval mode
+
+    def on_train_epoch_start(self) -> None:
+        self.apply_lp_ft()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.apply_lp_ft()  # a resume mid-epoch skips on_train_epoch_start
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's (B, D) embedding: what the geometry callbacks measure."""

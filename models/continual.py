@@ -1,4 +1,4 @@
-"""Continual learning on a backbone: naive fine-tuning, EWC, experience replay and LwF, one Lightning fit.
+"""Continual learning on a backbone: naive fine-tuning, EWC, replay, LwF, NCM and SLDA, one Lightning fit.
 
 ``ContinualModule`` trains on the experiences a ``datamodules.continual.ContinualDataModule`` serves, one
 after the other, in a single ``train.py fit``. The experience is a function of the epoch (the datamodule's
@@ -24,14 +24,20 @@ Strategies (``strategy``):
   appended.
 * ``lwf``: + ``lwf_alpha`` x distillation (temperature ``lwf_temperature``) of the old classes' / tasks'
   outputs of a copy of the model taken at the end of the previous experience (Li & Hoiem 2016).
+* ``ncm`` / ``slda``: for a frozen backbone (``freeze: all``, required): no head is trained; a streaming
+  classifier (``models.streaming_head``: nearest class mean, or SLDA of Hayes & Kanan 2020 with shrinkage
+  ``slda_shrinkage``) is fitted on the backbone's features as the batches stream in, during the first epoch of
+  each experience only (one pass), storing no sample; the training step makes no gradient step, and ``logits``
+  are its scores. Under DDP each step's features are all-gathered and consumed in rank order (NCM's class
+  means then equal one process's; SLDA's covariance depends on the order, so they differ slightly).
 
 Freezing (``freeze: none | all | partial:K``) is the backbone's; frozen parameters are never consolidated by
-EWC.
+EWC. ``lp_ft_epochs`` (see ``BackboneModule``) counts the epochs of each experience here: every experience starts
+with a linear probe on the frozen backbone, then fine-tunes under ``freeze``.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -43,18 +49,21 @@ from datamodules.continual import check_stream
 from datamodules.trainer_loop import batches_done
 from features.extract import eval_mode, seeded_subset
 from models.base import BackboneModule
+from models.continual_steps import StrategySteps
 from models.ewc import EWCPenalty, fisher_diagonal, trainable_parameters
 from models.heads import MultiHead, build_head
 from models.replay import ReplayDataset, ReservoirBuffer
+from models.streaming_head import KINDS as STREAMING
+from models.streaming_head import StreamingHead
 
-STRATEGIES = ("naive", "ewc", "replay", "lwf")
+STRATEGIES = ("naive", "ewc", "replay", "lwf", *STREAMING)
 
 
-class ContinualModule(BackboneModule):
+class ContinualModule(StrategySteps, BackboneModule):
     """A backbone and a (growing or multi-) head trained on a stream of experiences.
 
     Args:
-        strategy: ``naive``, ``ewc``, ``replay`` or ``lwf``.
+        strategy: ``naive``, ``ewc``, ``replay``, ``lwf``, ``ncm`` or ``slda``.
         head: ``linear`` or ``mlp``.
         head_hidden_dim: Hidden width of ``mlp`` heads.
         dropout: Dropout before the head's last layer.
@@ -68,6 +77,7 @@ class ContinualModule(BackboneModule):
         replay_batch_size: Replayed samples appended to every batch; None: the datamodule's batch size.
         lwf_alpha: Weight of LwF's distillation loss.
         lwf_temperature: Temperature of LwF's distillation.
+        slda_shrinkage: SLDA's ε in ``pinv((1 - ε) Σ + ε I)``.
         reset_optimizer: Clear the optimizer's moments when a new experience starts (a fresh optimizer per
             experience, as in Avalanche).
         seed: Seed of the replay memory, replay batches and sampled Fisher labels.
@@ -93,6 +103,7 @@ class ContinualModule(BackboneModule):
         replay_batch_size: int | None = None,
         lwf_alpha: float = 1.0,
         lwf_temperature: float = 2.0,
+        slda_shrinkage: float = 1e-4,
         reset_optimizer: bool = True,
         seed: int = 0,
         scenario: str | None = None,
@@ -104,7 +115,15 @@ class ContinualModule(BackboneModule):
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if ewc_fisher_labels not in ("true", "sampled"):
             raise ValueError(f"ewc_fisher_labels must be 'true' or 'sampled', got {ewc_fisher_labels!r}")
+        if strategy in STREAMING and (self.hparams.freeze != "all" or self.hparams.lp_ft_epochs):
+            raise ValueError(f"strategy {strategy!r} trains no weights and fits its classifier on fixed features: "
+                             f"it needs freeze: all and lp_ft_epochs: 0, got freeze: {self.hparams.freeze!r}")
         self.strategy = strategy
+        self.streaming = (StreamingHead(strategy, self.num_classes, self.backbone.embed_dim, slda_shrinkage)
+                          if strategy in STREAMING else None)
+        # No loss to minimise: the streaming strategies drive the (gradient-free) step themselves (Lightning's
+        # automatic optimization refuses a step without a loss under DDP).
+        self.automatic_optimization = self.streaming is None
         self.ewc = EWCPenalty(ewc_mode, ewc_gamma) if strategy == "ewc" else None
         self.replay = ReservoirBuffer(replay_memory, replay_balance, seed) if strategy == "replay" else None
         self.head: nn.Module | None = None
@@ -133,10 +152,11 @@ class ContinualModule(BackboneModule):
                                       hp.head_hidden_dim, hp.dropout)
             else:
                 self.head = build_head(hp.head, dim, self.num_classes, hp.head_hidden_dim, hp.dropout)
-        seen = torch.zeros(len(self.experience_classes), self.num_classes, dtype=torch.bool)
-        for e in range(len(self.experience_classes)):
-            seen[e, [c for part in self.experience_classes[: e + 1] for c in part]] = True
-        self.register_buffer("seen_classes", seen, persistent=False)  # row e: classes of experiences 0..e
+        own = torch.zeros(len(self.experience_classes), self.num_classes, dtype=torch.bool)
+        for e, classes in enumerate(self.experience_classes):
+            own[e, classes] = True
+        self.register_buffer("task_classes", own, persistent=False)  # row e: classes of experience e
+        self.register_buffer("seen_classes", own.cumsum(0) > 0, persistent=False)  # row e: experiences 0..e
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
@@ -165,6 +185,9 @@ class ContinualModule(BackboneModule):
 
     # -- prediction ----------------------------------------------------------------------------------
     def _head_logits(self, head: nn.Module, features: torch.Tensor, task) -> torch.Tensor:
+        if self.streaming is not None and head is self.head:  # ncm / slda: the streaming classifier's scores
+            scores = self.streaming.scores(features)
+            return scores if self.scenario != "task" else scores.masked_fill(~self.task_classes[task], -math.inf)
         if self.scenario == "task":
             if task is None:
                 raise ValueError("task-incremental models need the task id of every sample (batch['task'])")
@@ -186,11 +209,16 @@ class ContinualModule(BackboneModule):
         return self.logits(images, task, upto)
 
     # -- experiences ---------------------------------------------------------------------------------
+    def lp_ft_epoch(self) -> int:
+        return self.current_epoch % self.trainer.datamodule.epochs_per_experience
+
     def on_train_epoch_start(self) -> None:
         self.enter_experience(self.current_experience)
+        super().on_train_epoch_start()  # lp-ft, after the boundary work (EWC's Fisher sees the fine-tuned policy)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.enter_experience(self.current_experience)  # no-op unless a resume skipped on_train_epoch_start
+        super().on_train_batch_start(batch, batch_idx)
 
     def enter_experience(self, experience: int) -> None:
         """Close every experience before ``experience`` that is not consolidated yet, then start this one."""
@@ -260,33 +288,11 @@ class ContinualModule(BackboneModule):
     def on_train_epoch_end(self) -> None:
         self._replay_batches = None  # let the replay loader's workers go
 
-    def _distillation(self, images: torch.Tensor, features: torch.Tensor, task,
-                      experience: int) -> torch.Tensor:
-        teacher_backbone, teacher_head = self._teacher
-        if next(teacher_backbone.parameters()).device != self.device:
-            teacher_backbone.to(self.device), teacher_head.to(self.device)
-        with torch.no_grad():
-            teacher = self._old_outputs(teacher_head, teacher_backbone.embed(images), task, experience)
-        student = self._old_outputs(self.head, features, task, experience)
-        temperature = self.hparams.lwf_temperature
-        losses = [F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1),
-                           log_target=True, reduction="batchmean") * temperature**2
-                  for s, t in zip(student, teacher)]
-        return torch.stack(losses).mean()
-
-    def _old_outputs(self, head: nn.Module, features: torch.Tensor, task,
-                     experience: int) -> list[torch.Tensor]:
-        """The outputs LwF preserves: old tasks' heads (task), old classes (class), every class (domain)."""
-        if self.scenario == "task":
-            return [head.task_logits(features, t)[:, self.experience_classes[t]] for t in range(experience)]
-        logits = head(features)
-        if self.scenario == "class":
-            return [logits[:, self.seen_classes[experience - 1]]]
-        return [logits]
-
     def training_step(self, batch: dict, batch_idx: int):
         if batch is None:  # every image of the batch was unreadable and skipped
             return None
+        if self.streaming is not None:
+            return self._stream_step(batch)
         experience = self.current_experience
         images, labels, task = batch["image"], batch["label"], batch.get("task")
         replayed = self._replay_batch()
@@ -360,9 +366,6 @@ class ContinualModule(BackboneModule):
             return (progress + 1.0 / (batches * per_experience)) / warmup
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - warmup) / max(1e-8, 1.0 - warmup))))
 
-    def _frozen_copy(self) -> list[nn.Module]:
-        return [copy.deepcopy(m).eval().requires_grad_(False) for m in (self.backbone, self.head)]
-
     # -- checkpoints ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = {"entered_experience": self.entered_experience, "consolidated": self.consolidated}
@@ -372,6 +375,8 @@ class ContinualModule(BackboneModule):
             state["replay"] = self.replay.state_dict()
         if self._teacher:
             state["lwf_teacher"] = [m.state_dict() for m in self._teacher]
+        if self.streaming is not None:
+            state["streaming"] = self.streaming.state_dict()
         checkpoint["continual"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -383,6 +388,8 @@ class ContinualModule(BackboneModule):
             self.ewc.load_state_dict(state["ewc"])
         if self.replay is not None and "replay" in state:
             self.replay.load_state_dict(state["replay"])
+        if self.streaming is not None and "streaming" in state:
+            self.streaming.load_state_dict(state["streaming"])
         if "lwf_teacher" in state:
             self._teacher = self._frozen_copy()
             for module, saved in zip(self._teacher, state["lwf_teacher"]):

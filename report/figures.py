@@ -190,21 +190,52 @@ def cka_heatmap(matrix: torch.Tensor, title: str, xlabel: str, ylabel: str, xtic
     return figure
 
 
+
+def _accuracy_matrix_panel(axis, matrix: list[list[float | None]], title: str):
+    values = torch.tensor([[math.nan if v is None else v for v in row] for row in matrix], dtype=torch.float64)
+    image = axis.imshow(values.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
+    label_cells(axis, values.tolist())
+    axis.set_xticks(range(len(matrix)))
+    axis.set_yticks(range(len(matrix)))
+    axis.set_xlabel("tested on experience j")
+    axis.set_ylabel("after training experience i")
+    axis.set_title(title)
+    return image
+
+
 def accuracy_matrix_figure(matrix: list[list[float | None]], title: str = "accuracy R[i][j]"):
     """Annotated heatmap of R (rows: after training experience i; columns: tested on experience j)."""
-    values = torch.tensor([[math.nan if v is None else v for v in row] for row in matrix],
-                          dtype=torch.float64)
-    size = len(matrix)
+    return accuracy_matrices_figure({title: matrix})
+
+
+def accuracy_matrices_figure(matrices: dict[str, list[list[float | None]]]):
+    """Annotated heatmaps of several T x T accuracy matrices side by side (e.g. the head's R and R_repr)."""
+    size = max(len(m) for m in matrices.values())
     with figure_style():
-        figure, axis = plt.subplots(figsize=(2.4 + 0.6 * size, 1.4 + 0.55 * size))
-        image = axis.imshow(values.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
-        label_cells(axis, values.tolist())
-        axis.set_xticks(range(size))
-        axis.set_yticks(range(size))
-        axis.set_xlabel("tested on experience j")
-        axis.set_ylabel("after training experience i")
-        axis.set_title(title)
-        labelled_colorbar(figure, image, axis, "accuracy (fraction, 0-1)")
+        figure, axes = plt.subplots(1, len(matrices), figsize=((2.4 + 0.6 * size) * len(matrices), 1.4 + 0.55 * size),
+                                    squeeze=False)
+        for axis, (title, matrix) in zip(axes[0], matrices.items()):
+            image = _accuracy_matrix_panel(axis, matrix, title)
+        labelled_colorbar(figure, image, list(axes[0]), "accuracy (fraction, 0-1)")
         figure.tight_layout()
     return figure
 
+
+def accuracy_curves_figure(curves: dict[str, dict[int, list[list[float]]]], ends: list[int]):
+    """Accuracy vs training step, one panel per kind (e.g. head, kNN), one line per experience, dashed lines
+    where an experience's training ended (the stability gap is the dip of an old experience after a boundary)."""
+    with figure_style():
+        figure, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
+        for axis, (kind, by_experience) in zip(axes[0], curves.items()):
+            for experience, points in sorted(by_experience.items(), key=lambda item: int(item[0])):
+                steps, accuracies = zip(*points) if points else ((), ())
+                axis.plot(steps, accuracies, marker=".", markersize=3, linewidth=1, label=f"experience {experience}")
+            for end in ends:
+                axis.axvline(end, color="grey", linestyle="--", linewidth=0.8)
+            axis.set_ylim(-0.02, 1.02)
+            axis.set_xlabel("training step")
+            axis.set_ylabel("accuracy (fraction, 0-1)")
+            axis.set_title(f"{kind} accuracy within experiences")
+            legend_outside(axis)
+        figure.tight_layout()
+    return figure
