@@ -212,12 +212,12 @@ def accuracy_matrices_figure(matrices: dict[str, list[list[float | None]]]):
     """Annotated heatmaps of several T x T accuracy matrices side by side (e.g. the head's R and R_repr)."""
     size = max(len(m) for m in matrices.values())
     with figure_style():
+        # constrained layout: one colour bar shared by every panel (tight_layout cannot place it)
         figure, axes = plt.subplots(1, len(matrices), figsize=((2.4 + 0.6 * size) * len(matrices), 1.4 + 0.55 * size),
-                                    squeeze=False)
+                                    squeeze=False, layout="constrained")
         for axis, (title, matrix) in zip(axes[0], matrices.items()):
             image = _accuracy_matrix_panel(axis, matrix, title)
         labelled_colorbar(figure, image, list(axes[0]), "accuracy (fraction, 0-1)")
-        figure.tight_layout()
     return figure
 
 
