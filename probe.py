@@ -69,6 +69,12 @@ def build_parser() -> ArgumentParser:
         help="Where metrics are scored: 'auto' (GeometryEval's rule: the val split when the dataset has one, else "
              "test; datasets get val_fraction 0 unless their init_args set one, so the whole train split is the "
              "bank), 'test' or 'val' (val_fraction 0.1 unless set).")
+    add("--query_shifts", type=list[str] | None, default=None,
+        help="ImageNet-C corruptions of the queries (the bank stays clean), e.g. '[gaussian_noise:3, contrast:1-5]' "
+             "(a range gives every severity): every metric of the final embedding per shift, as rows of dataset "
+             "'<dataset>+<corruption>:<severity>', and plots/shift_<dataset>.png of metric vs severity. Corruptions: "
+             "gaussian_noise, shot_noise, impulse_noise, gaussian_blur, contrast, brightness, pixelate, jpeg "
+             "(datamodules/corruptions.py).")
     add("--max_bank_size", type=int | None, default=None, help="Use at most this many train samples (seeded).")
     add("--max_query_size", type=int | None, default=None, help="Use at most this many query samples (seeded).")
     add("--batch_size", type=int, default=64, help="Images per batch and device during extraction.")

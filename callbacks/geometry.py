@@ -82,6 +82,10 @@ class GeometryEval(L.Callback):
         shard_metrics: Keep each rank's shard of the features and compute the metrics across ranks (memory per
             rank falls with the number of ranks); False: gather everything, rank 0 computes. None: True when
             ``world_size > 1``.
+        query_shifts: ImageNet-C corruptions of the queries, e.g. ``["gaussian_noise:3", "contrast:1-5"]``
+            (``datamodules.corruptions``): after the clean evaluation, the metrics on the corrupted queries against
+            the clean bank, keys ``geometry/<metric>@<corruption>:<severity>`` (drift metrics and novel sub-classes
+            are left out: they compare clean samples).
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class GeometryEval(L.Callback):
         max_map_points: int = 2000,
         plots: bool = True,
         shard_metrics: bool | None = None,
+        query_shifts: list[str] = (),
     ):
         if bank_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"bank_dtype must be float32, float16 or bfloat16, got {bank_dtype!r}")
@@ -121,6 +126,9 @@ class GeometryEval(L.Callback):
         self.reference: dict | None = None  # the query features at fit start, for drift metrics
         self.initial_per_query: dict | None = None  # per-query correctness at fit start (paired comparisons)
         self.comparison: dict = {}
+        from datamodules.corruptions import parse_shifts
+
+        self.query_shifts = parse_shifts(list(query_shifts))
 
     # -- when ---------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -197,6 +205,9 @@ class GeometryEval(L.Callback):
             values = evaluate_features(bank, query, self.metrics, self.settings, novel=novel,
                                        reference=self.reference, per_query=per_query)
             self._compare_with_initial(per_query, epoch)
+        if self.query_shifts:
+            shifted = self._shifted_values(trainer, pl_module, bank, datamodule, comm)
+            values = {**values, **shifted} if trainer.is_global_zero else values
         values = trainer.strategy.broadcast(values, src=0)
         self._check_collapse(values, epoch)
         row = {"epoch": epoch, "step": trainer.global_step, "seconds": round(time.perf_counter() - start, 3),
@@ -233,6 +244,27 @@ class GeometryEval(L.Callback):
                              after_title=_when(epoch))
         except Exception as error:  # a picture must never end a training run
             log.warning("GeometryEval: drawing the geometry figures failed: %s", error)
+
+    def _shifted_values(self, trainer: L.Trainer, pl_module: L.LightningModule, bank: dict, datamodule,
+                        comm=None) -> dict:
+        """``{<metric>@<corruption>:<severity>: value}`` of the corrupted queries (extracted on every rank; with a
+        sharded bank every rank computes its share through ``comm``)."""
+        from datamodules.base import preprocessing_values
+        from datamodules.corruptions import CorruptedDataset, shift_name
+
+        _, mean, std = preprocessing_values(datamodule.preprocessing)
+        metrics = [m for m in self.metrics if "reference" not in metric_keywords(m)]
+        out: dict[str, float] = {}
+        for corruption, severity in self.query_shifts:
+            name = shift_name(corruption, severity)
+            with eval_mode(pl_module):
+                query = self._features(trainer, pl_module, CorruptedDataset(datamodule.query_dataset(), corruption,
+                                                                            severity, mean, std),
+                                       self.max_query_size, f"query features, {name}")
+            if comm is not None or trainer.is_global_zero:
+                values = evaluate_features(bank, query, metrics, self.settings, on_error="warn", comm=comm)
+                out.update({f"{key}@{name}": value for key, value in values.items()})
+        return out
 
     def _log(self, trainer: L.Trainer, values: dict[str, float]) -> None:
         named = {f"geometry/{k}": v for k, v in values.items()}

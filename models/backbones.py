@@ -33,6 +33,11 @@ Embedding (`embed`) per family, and what `layers` pools per block:
 | raw timm name | timm | forward_head(pre_logits=True) | CLS or mean, as the model pools |
 | raw transformers id | AutoModel (image tower) | pooler_output if any, else mean of tokens | mean of tokens |
 
+Pooling (`pooling`, `n_last_blocks`; models/backbone_pooling.py): "default" is the table above, unchanged;
+for ViT families "cls", "mean" (patch tokens, registers excluded) or "cls+mean", each block's tokens after the
+family's final norm, concatenated over the last `n_last_blocks` blocks (DINOv2's linear evaluation); `embed_dim`
+follows. Families without tokens (conv nets, MambaVision) raise a ValueError naming the valid options.
+
 Freezing: "none", "all", or "partial:K" (the stem: patch/position embeddings or conv stem, plus the first K of the
 `num_layers` blocks). Frozen modules stay in eval mode through `.train()`. Parameters `embed` never uses (timm
 classifier, FLAVA pooler, mask tokens, ...) are always frozen so DDP finds no unused parameters.
@@ -48,7 +53,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from models.backbone_families import AimV1Family, Family, OpenClipFamily, TimmFamily, module_at
+from models.backbone_families import AimV1Family, Family, OpenClipFamily, TimmFamily, first_output, module_at
+from models.backbone_pooling import check_pooling, pool_tokens, token_layout
 from models.backbone_registry import (
     REGISTRY,
     BackboneSpec,
@@ -108,7 +114,8 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, name: str, weights: str = "pretrained", freeze: str = "none", image_size: int | None = None,
-                 trust_remote_code: bool = False, channels_last: bool | None = None, **overrides):
+                 trust_remote_code: bool = False, channels_last: bool | None = None, pooling: str = "default",
+                 n_last_blocks: int = 1, **overrides):
         super().__init__()
         spec: BackboneSpec = resolve_spec(name)
         parse_freeze(freeze)  # reject a malformed policy before spending time on a download
@@ -125,6 +132,9 @@ class Backbone(nn.Module):
 
         container, self._units = self._family.blocks(self.model, spec)
         self.num_layers: int = len(self._units)
+        self._tokens = token_layout(spec.library, self.model)
+        check_pooling(name, pooling, n_last_blocks, self._tokens, self.num_layers)
+        self.pooling, self.n_last_blocks = pooling, n_last_blocks
         self._stem_modules, self._stem_parameters = _stem(self.model, container)
         self._token_pooling = self._family.token_pooling(self.model, spec)
         unused = [re.compile(pattern) for pattern in self._family.unused_parameters(self.model, spec)]
@@ -134,7 +144,8 @@ class Backbone(nn.Module):
         }  # includes what the library itself keeps fixed (MAE's sin-cos position table)
         self._frozen_modules: list[nn.Module] = []
         self.eval()
-        self.embed_dim: int = self._family.embed_dim(self.model, spec) or self._measure_embed_dim()
+        default_dim = self._family.embed_dim(self.model, spec) if not self._pools_tokens else None
+        self.embed_dim: int = default_dim or self._measure_embed_dim()
         self.set_freeze(freeze)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -142,7 +153,26 @@ class Backbone(nn.Module):
 
     def embed(self, images: Tensor) -> Tensor:
         """(B, embed_dim) image embeddings with the family's pooling (see the module docstring)."""
-        return self._family.embed(self.model, self._spec, self._layout(images))
+        images = self._layout(images)
+        if self._pools_tokens:
+            return self._token_pooled(lambda: self._family.embed(self.model, self._spec, images))[0]
+        return self._family.embed(self.model, self._spec, images)
+
+    @property
+    def _pools_tokens(self) -> bool:
+        return self.pooling != "default" or self.n_last_blocks != 1
+
+    def _token_pooled(self, forward):
+        """(the pooled last-K-block tokens, what ``forward()`` returned): hooks read the blocks' outputs."""
+        captured: list[Tensor] = []
+        handles = [unit[-1].register_forward_hook(lambda _m, _i, out: captured.append(first_output(out)))
+                   for unit in self._units[-self.n_last_blocks:]]
+        try:
+            result = forward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return pool_tokens(captured, self._tokens, self.pooling), result
 
     def layers(self, images: Tensor) -> list[Tensor]:
         """One pooled (B, D_l) feature per block, in forward order; `len == num_layers`."""
@@ -153,8 +183,15 @@ class Backbone(nn.Module):
         if not self._units:
             raise ValueError(f"Backbone '{self.name}': could not find its blocks, so per-block features are "
                              "unavailable.")
-        embedding, features = self._family.embed_and_layers(self.model, self._spec, self._layout(images),
-                                                            self._units, self._pool_block)
+        images = self._layout(images)
+
+        def forward():
+            return self._family.embed_and_layers(self.model, self._spec, images, self._units, self._pool_block)
+
+        if self._pools_tokens:
+            embedding, (_, features) = self._token_pooled(forward)
+        else:
+            embedding, features = forward()
         if len(features) != self.num_layers:
             raise RuntimeError(f"Backbone '{self.name}': got {len(features)} block outputs for "
                                f"{self.num_layers} blocks")
@@ -229,7 +266,8 @@ class Backbone(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, weights={self.weights!r}, embed_dim={self.embed_dim}, "
-                f"num_layers={self.num_layers}, freeze={self.freeze_policy!r}")
+                f"num_layers={self.num_layers}, freeze={self.freeze_policy!r}"
+                + (f", pooling={self.pooling!r}, n_last_blocks={self.n_last_blocks}" if self._pools_tokens else ""))
 
 
 def _stem(model: nn.Module, container: str | None) -> tuple[list[nn.Module], list[nn.Parameter]]:

@@ -54,6 +54,9 @@ class BackboneModule(L.LightningModule):
         freeze: ``none``, ``all`` or ``partial:K`` (stem and first K blocks frozen).
         image_size: Input side in pixels; None keeps the backbone's default.
         backbone_overrides: Extra keyword arguments for the backbone's library config (e.g. a tiny test model).
+        pooling: ``default`` (the family's embedding), or for ViT families ``cls``, ``mean`` (patch tokens) or
+            ``cls+mean`` (see ``models.backbones.Backbone``).
+        n_last_blocks: Concatenate the pooled tokens of the last K blocks (DINOv2's linear evaluation).
         trust_remote_code: Allow Hugging Face remote code (MambaVision needs it).
         init_backbone_from: Start from the backbone of this checkpoint (e.g. a pretext run's ``last.ckpt``).
         lr: Peak learning rate of the head (and of the backbone, times ``backbone_lr_scale``).
@@ -95,6 +98,8 @@ class BackboneModule(L.LightningModule):
         lr_reference_batch_size: int = 256,
         freeze_norm_stats: bool = False,
         lp_ft_epochs: int = 0,
+        pooling: str = "default",
+        n_last_blocks: int = 1,
     ):
         super().__init__()
         if scheduler not in ("cosine", "none"):
@@ -108,7 +113,8 @@ class BackboneModule(L.LightningModule):
         self.save_hyperparameters()
         self.backbone = Backbone(
             backbone, weights=weights, freeze=freeze, image_size=image_size,
-            trust_remote_code=trust_remote_code, **(backbone_overrides or {}),
+            trust_remote_code=trust_remote_code, pooling=pooling, n_last_blocks=n_last_blocks,
+            **(backbone_overrides or {}),
         )
         if init_backbone_from:
             load_backbone_weights(self.backbone, init_backbone_from)

@@ -53,6 +53,30 @@ def split_datasets(datamodule, query_split: str) -> dict[str, tuple[str, Any]]:
     return splits
 
 
+def shifted_features(collector, backbone, backbone_key: dict, dataset_key: dict, datamodule, label: str,
+                     splits: dict[str, tuple[str, Any]], clean: dict[str, dict], shifts: list[tuple[str, int]]
+                     ) -> dict[str, dict[str, dict]]:
+    """``--query_shifts``: per (corruption, severity), the final embedding of the corrupted query split against
+    the clean bank, filed as dataset ``<label>+<corruption>:<severity>``.
+
+    The corrupted split is cached like any other, under split ``<split>+<corruption>:<severity>`` (so the
+    corruption is part of the key) and with the query split's size cap; novel sub-classes are not corrupted and
+    not used here.
+    """
+    from datamodules.corruptions import CorruptedDataset, shift_name
+    from probing.extract import FINAL_LAYER
+
+    split, query = splits["query"]
+    out = {}
+    for corruption, severity in shifts:
+        name = f"{split}+{shift_name(corruption, severity)}"
+        collector.max_sizes.setdefault(name, collector.max_sizes.get(split))
+        corrupted = CorruptedDataset(query, corruption, severity, backbone.preprocessing.mean,
+                                     backbone.preprocessing.std)
+        features = collector.collect(backbone, backbone_key, dataset_key, datamodule, name, corrupted, [])
+        out[f"{label}+{shift_name(corruption, severity)}"] = {"train": {FINAL_LAYER: clean["train"][FINAL_LAYER]},
+                                                              "query": features}
+    return out
 
 
 def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]:
@@ -60,6 +84,7 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
     "extraction_calls", ...}`` (empty on ranks > 0). ``config_text`` is written as the run's config.yaml."""
     from lightning.pytorch.utilities import rank_zero_only
 
+    from datamodules.corruptions import parse_shifts
     from probing.cache import FeatureCache
     from probing.evaluate import check_metrics, evaluate
     from probing.extract import ExtractionRunner, FeatureCollector, cache_keys, normalise_precision
@@ -68,6 +93,7 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
 
     started = time.time()
     metrics = check_metrics(cfg.metrics)
+    shifts = parse_shifts(getattr(cfg, "query_shifts", None))  # a malformed shift fails before any extraction
     block_metrics = check_metrics(cfg.layer_metrics if cfg.layer_metrics is not None else cfg.metrics,
                                   "layer_metrics")
     if cfg.query_split not in ("auto", "test", "val"):
@@ -100,6 +126,7 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
     common = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "seed": settings.seed,
               "val_fraction": 0.1 if cfg.query_split == "val" else 0.0}
     features: dict[str, dict[str, dict]] = {}
+    shifted: dict[str, dict[str, dict]] = {}  # --query_shifts: backbone -> "<dataset>+<shift>" -> splits
     query_splits: dict[str, str] = {}
     modules: dict[str, Any] = {}
     for entry in backbones:
@@ -109,10 +136,15 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
             datamodule = dataset.build(backbone.preprocessing.to_dict(), common, cfg.data_root, cfg.download)
             modules.setdefault(dataset.label, datamodule)
             backbone_key, dataset_key = cache_keys(entry, backbone, dataset, datamodule, settings.seed)
+            splits = split_datasets(datamodule, cfg.query_split)
             features.setdefault(entry.id, {})[dataset.label] = {
                 role: collector.collect(backbone, backbone_key, dataset_key, datamodule, split, data, blocks)
-                for role, (split, data) in split_datasets(datamodule, cfg.query_split).items()
+                for role, (split, data) in splits.items()
             }
+            if shifts:
+                shifted.setdefault(entry.id, {}).update(shifted_features(
+                    collector, backbone, backbone_key, dataset_key, datamodule, dataset.label, splits,
+                    features[entry.id][dataset.label], shifts))
             query_splits[dataset.label] = resolve_query_split(datamodule, cfg.query_split)
         backbone.cpu()
         del backbone
@@ -122,6 +154,8 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
 
     per_query: dict = {}
     rows, cka_section = evaluate(features, metrics, block_metrics, settings, cfg.cka_debiased, per_query)
+    shift_rows = evaluate(shifted, [m for m in metrics if m != "cka"], [], settings, cfg.cka_debiased)[0] \
+        if shifted else []
     if cfg.similarities:
         from probing.evaluate import similarity_matrices
 
@@ -146,6 +180,11 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
             tables.append(table)
     plot_paths = draw_plots(run_dir / "plots", rows, cka_section, features, modules, pairs, cfg, settings) \
         if cfg.plots else []
+    if shift_rows and cfg.plots:
+        from probing.shift_plots import severity_curves
+
+        plot_paths += severity_curves(run_dir / "plots", rows + shift_rows, shifts)
+    rows += shift_rows
     from report.io import atomic_write_text
 
     # Written with the results, not before the work: a probe that fails leaves an earlier run's files as they were.
@@ -212,7 +251,8 @@ def draw_plots(out_dir: Path, rows, cka_section, features, modules, pairs, cfg, 
     paths += plots.layer_curves(out_dir, rows)
     paths += plots.metric_bars(out_dir, rows)
     for stale in set(out_dir.glob("*.png")) - set(paths):  # from an earlier run under the same name
-        stale.unlink()
+        if not stale.name.startswith("shift_"):  # severity curves are drawn next (probing.shift_plots)
+            stale.unlink()
     return paths
 
 

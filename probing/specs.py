@@ -1,8 +1,9 @@
 """What a probe run names: backbones (with their weights) and datasets (short names or class paths).
 
 Backbones: ``"efficientnet-lite0"`` (pretrained), ``"efficientnet-lite0@random"``, ``"resnet50@/path/weights.pth"``
-or a dict ``{name, weights, image_size, overrides, label}``; ``overrides`` go to the backbone's library config
-(e.g. a tiny test variant). Datasets: ``digits``, ``synthetic``, ``cifar10``, ``cifar100``, ``medmnist-<flag>``,
+or a dict ``{name, weights, image_size, overrides, pooling, n_last_blocks, label}``; ``overrides`` go to the
+backbone's library config (e.g. a tiny test variant); ``pooling`` / ``n_last_blocks`` pick ViT token pooling
+(``Backbone``'s arguments; part of the cache key and, when not the default, of the backbone's id). Datasets: ``digits``, ``synthetic``, ``cifar10``, ``cifar100``, ``medmnist-<flag>``,
 ``folder:<path>``, or a dict ``{name, init_args}`` / ``{class_path, init_args, label}``. Short names map to class
 paths lazily, so a dataset module that is not installed only matters when it is asked for.
 """
@@ -44,6 +45,8 @@ class BackboneEntry:
     image_size: int | None = None
     overrides: dict[str, Any] = field(default_factory=dict, hash=False)
     label: str = ""
+    pooling: str = "default"
+    n_last_blocks: int = 1
 
     @property
     def id(self) -> str:
@@ -53,10 +56,18 @@ class BackboneEntry:
     @property
     def default_id(self) -> str:
         """``name``, or ``name@weights`` when not pretrained (a weights file by its stem)."""
+        name = self.name + self.pooling_suffix
         if self.weights == "pretrained":
-            return self.name
+            return name
         weights = self.weights if self.weights == "random" else Path(self.weights).stem
-        return f"{self.name}@{weights}"
+        return f"{name}@{weights}"
+
+    @property
+    def pooling_suffix(self) -> str:
+        """``""`` for the default pooling, else ``[cls+mean]`` / ``[cls x4]`` (pooling x last blocks)."""
+        if self.pooling == "default" and self.n_last_blocks == 1:
+            return ""
+        return f"[{self.pooling}" + (f" x{self.n_last_blocks}]" if self.n_last_blocks != 1 else "]")
 
     def build(self, seed: int):
         """The frozen backbone in eval mode. Seeded first, so ``random`` weights are the same every run."""
@@ -66,12 +77,14 @@ class BackboneEntry:
 
         torch.manual_seed(seed)
         backbone = Backbone(self.name, weights=self.weights, freeze="all", image_size=self.image_size,
-                            **self.overrides)
+                            pooling=self.pooling, n_last_blocks=self.n_last_blocks, **self.overrides)
         return backbone.eval().requires_grad_(False)
 
     def cache_key(self, fingerprint: str, seed: int) -> dict[str, Any]:
         key = {"name": self.name, "weights": self.weights, "image_size": self.image_size,
                "overrides": self.overrides, "fingerprint": fingerprint}
+        if self.pooling_suffix:  # default pooling keeps the keys (and cached features) of earlier runs
+            key.update(pooling=self.pooling, n_last_blocks=self.n_last_blocks)
         if self.weights == "random":
             key["init_seed"] = seed  # in case a fingerprint of random weights does not hash the values
         return key
@@ -84,14 +97,15 @@ def parse_backbone(entry: str | dict, image_size: int | None = None) -> Backbone
         entry = {"name": name.strip(), "weights": weights.strip() or "pretrained"}
     if not isinstance(entry, dict) or not entry.get("name"):
         raise ValueError(f"a backbone is 'name', 'name@weights' or a dict with at least 'name', got {entry!r}")
-    unknown = sorted(set(entry) - {"name", "weights", "image_size", "overrides", "label"})
+    unknown = sorted(set(entry) - {"name", "weights", "image_size", "overrides", "pooling", "n_last_blocks", "label"})
     if unknown:
         raise ValueError(f"backbone {entry['name']!r}: unknown keys {unknown}; use name, weights, image_size, "
-                         "overrides, label")
+                         "overrides, pooling, n_last_blocks, label")
     size = entry.get("image_size", image_size)
     return BackboneEntry(name=str(entry["name"]), weights=str(entry.get("weights") or "pretrained"),
                          image_size=None if size is None else int(size),
-                         overrides=dict(entry.get("overrides") or {}), label=str(entry.get("label") or ""))
+                         overrides=dict(entry.get("overrides") or {}), label=str(entry.get("label") or ""),
+                pooling=str(entry.get("pooling") or "default"), n_last_blocks=int(entry.get("n_last_blocks") or 1))
 
 
 def import_class(class_path: str, what: str) -> type:
