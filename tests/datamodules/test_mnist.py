@@ -4,12 +4,12 @@ the real loader, malformed files, and (marked ``pretrained``) the real Fashion-M
 from __future__ import annotations
 
 import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fakes import idx_bytes
 
 from datamodules.mnist import (
     DEBIAN_FASHION_MNIST,
@@ -24,12 +24,6 @@ from datamodules.mnist import (
 #: Raw values in: the eval transform then gives pixel / 255 at the files' own size (no resize, no normalisation).
 RAW = {"input_size": 5, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
 ROWS, COLS = 5, 5
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """An idx file's bytes, written from the format's definition: magic 0x0000 08 <ndim>, big-endian sizes."""
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
 
 
 def fake_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
