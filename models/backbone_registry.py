@@ -39,7 +39,7 @@ class BackboneSpec:
     """Everything needed to build one backbone without guessing.
 
     library: "hf" (transformers), "mambavision" (transformers with NVIDIA's remote code), "timm",
-        "open_clip", "aim_v1" (Apple's aim-v1 package).
+        "open_clip", "aim_v1" (Apple's aim-v1 package), "pixels" (no model: the raw pixels).
     model_id: hub id, timm model name or open_clip architecture.
     pooling: for transformers models, "pooler" (pooler_output), "cls" (last_hidden_state[:, 0]),
         "mean" (mean of last_hidden_state) or "auto" (pooler_output when the model has one, else mean).
@@ -130,6 +130,14 @@ REGISTRY: dict[str, BackboneSpec] = {
               fixed=dict(quick_gelu=True)),  # OpenAI's CLIP was trained with QuickGELU
         _timm("efficientnet-lite0", "tf_efficientnet_lite0", mean=HALF, std=HALF,
               pretrained_source="efficientnet_lite0_package"),
+        _spec("efficientnet-lite1", "timm", "tf_efficientnet_lite1", 240, HALF, HALF,
+              pretrained_source="efficientnet_lite1_package"),
+        _spec("efficientnet-lite2", "timm", "tf_efficientnet_lite2", 260, HALF, HALF,
+              pretrained_source="efficientnet_lite2_package"),
+        _timm("mobilenetv2", "mobilenetv2_100", pretrained_source="mobilenetv2_package"),  # torchvision's weights
+        # Raw pixels, un-normalised (mean 0, std 1: values in [0, 1]); 28 px is MNIST's and Fashion-MNIST's own
+        # size, where the published raw-pixel kNN baselines are measured.
+        _spec("pixels", "pixels", "pixels", 28, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
     )
 }
 

@@ -30,6 +30,9 @@ Embedding (`embed`) per family, and what `layers` pools per block:
 | efficientnet-lite0 | timm tf_efficientnet_lite0 | global avg pool after conv_head (1280) | global avg per block |
 | vit-b16 | timm | LayerNorm(CLS) (768) | CLS token |
 | clip-vit-b32 | open_clip ViT-B-32 (openai) | projected image feature (512) | CLS token |
+| efficientnet-lite1/2 | timm tf_efficientnet_lite1/2 (240/260 px) | global avg pool after conv_head (1280) | per block |
+| mobilenetv2 | timm mobilenetv2_100, torchvision's weights | global avg pool after conv_head (1280) | per block |
+| pixels | none (models/backbone_pixels.py) | the resized raw pixels, grey, flattened (size^2) | none |
 | raw timm name | timm | forward_head(pre_logits=True) | CLS or mean, as the model pools |
 | raw transformers id | AutoModel (image tower) | pooler_output if any, else mean of tokens | mean of tokens |
 
@@ -54,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from models.backbone_families import AimV1Family, Family, OpenClipFamily, TimmFamily, first_output, module_at
+from models.backbone_pixels import PixelsFamily
 from models.backbone_pooling import check_pooling, pool_tokens, token_layout
 from models.backbone_registry import (
     REGISTRY,
@@ -73,6 +77,7 @@ FAMILIES: dict[str, Family] = {
     "timm": TimmFamily(),
     "open_clip": OpenClipFamily(),
     "aim_v1": AimV1Family(),
+    "pixels": PixelsFamily(),
 }
 FREEZE_FORMS = "'none', 'all' or 'partial:K' (freeze the stem and the first K blocks)"
 _STEM_PARAMETER = re.compile(r"token|embed")  # cls/register tokens, position embeddings on the model itself
@@ -258,7 +263,7 @@ class Backbone(nn.Module):
         digest.update(json.dumps(identity, default=str, sort_keys=True).encode())
         tensors = list(self.model.state_dict().items())
         step = max(1, len(tensors) // 8)
-        for key, tensor in [*tensors[::step], tensors[-1]]:
+        for key, tensor in [*tensors[::step], *tensors[-1:]]:  # `pixels` has no tensors at all
             sample = tensor.detach().flatten()[:65536].to("cpu", torch.float64)
             digest.update(key.encode())
             digest.update(sample.numpy().tobytes())

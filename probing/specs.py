@@ -3,7 +3,8 @@
 Backbones: ``"efficientnet-lite0"`` (pretrained), ``"efficientnet-lite0@random"``, ``"resnet50@/path/weights.pth"``
 or a dict ``{name, weights, image_size, overrides, pooling, n_last_blocks, label}``; ``overrides`` go to the
 backbone's library config (e.g. a tiny test variant); ``pooling`` / ``n_last_blocks`` pick ViT token pooling
-(``Backbone``'s arguments; part of the cache key and, when not the default, of the backbone's id). Datasets: ``digits``, ``synthetic``, ``cifar10``, ``cifar100``, ``medmnist-<flag>``,
+(``Backbone``'s arguments; part of the cache key and, when not the default, of the backbone's id). Datasets:
+``digits``, ``synthetic``, ``cifar10``, ``cifar100``, ``mnist``, ``fashion-mnist``, ``medmnist-<flag>``,
 ``folder:<path>``, or a dict ``{name, init_args}`` / ``{class_path, init_args, label}``. Short names map to class
 paths lazily, so a dataset module that is not installed only matters when it is asked for.
 """
@@ -23,6 +24,8 @@ DATASET_CLASS_PATHS: dict[str, str] = {
     "synthetic": "datamodules.synthetic.SyntheticHierarchyDataModule",
     "cifar10": "datamodules.cifar.CIFAR10DataModule",
     "cifar100": "datamodules.cifar.CIFAR100DataModule",
+    "mnist": "datamodules.mnist.MNISTDataModule",
+    "fashion-mnist": "datamodules.mnist.FashionMNISTDataModule",
 }
 MEDMNIST_CLASS_PATH = "datamodules.medmnist.MedMNISTDataModule"
 FOLDER_CLASS_PATH = "datamodules.folder.FolderDataModule"

@@ -5,8 +5,10 @@ Every writer returns the ``root`` the datamodule expects; contents are seeded so
 
 from __future__ import annotations
 
+import gzip
 import json
 import pickle
+import struct
 from pathlib import Path
 
 import lightning as L
@@ -101,6 +103,25 @@ def write_cifar100(root: Path, n_train: int = 24, n_test: int = 10) -> Path:
             b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}
     (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
     return Path(root)
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An idx file (MNIST's format): magic 0x0000 08 <ndim> (uint8 data), big-endian sizes, then the values."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def write_mnist_idx(root: Path, n_train: int = 60, n_test: int = 30, side: int = 28) -> Path:
+    """``root`` with the four gzip idx files of MNIST / Fashion-MNIST; labels cycle through the 10 classes."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = _rng(2)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, side, side), dtype=np.uint8)
+        labels = np.arange(n) % 10
+        (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)))
+        (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+    return root
 
 
 def write_medmnist(root: Path, flag: str = "pathmnist", size: int = 28, n: int = 12, n_classes: int | None = None,

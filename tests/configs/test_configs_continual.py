@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from fakes import one_torch_thread, write_cifar100, write_cub_official  # noqa: F401  (autouse fixture)
+from fakes import one_torch_thread, write_cifar100, write_cub_official, write_mnist_idx  # noqa: F401  (autouse)
 
 import train
 
@@ -28,6 +28,8 @@ DATA_RECIPES = {
     "datamodules.digits.DigitsDataModule": lambda tmp: [f"{DATASET}.limit_data", "60"],
     "datamodules.cifar.CIFAR100DataModule": lambda tmp: [
         f"{DATASET}.root", str(write_cifar100(tmp / "data", n_train=60, n_test=30))],
+    "datamodules.mnist.FashionMNISTDataModule": lambda tmp: [
+        f"{DATASET}.root", str(write_mnist_idx(tmp / "data", n_train=60, n_test=30))],
     "datamodules.cub.CUB200DataModule": lambda tmp: [
         f"{DATASET}.root", str(write_cub_official(tmp / "data" / "CUB_200_2011", classes=4))],
 }

@@ -15,6 +15,7 @@ REGISTRY_NAMES = [
     "dinov2-small", "dinov2-base", "dinov2-large", "dinov2-giant", "dinov3-vitb16", "flava", "convnext-tiny",
     "convnext-small", "convnext-base", "mae-base", "mae-large", "mae-huge", "ijepa-vith14", "aim-600m",
     "aimv2-large", "mambavision-t", "resnet50", "vit-b16", "clip-vit-b32", "efficientnet-lite0",
+    "efficientnet-lite1", "efficientnet-lite2", "mobilenetv2", "pixels",  # issue 15: offline weights, raw pixels
 ]
 TINY_DINO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14)
 TINY_TIMM_VIT = dict(embed_dim=32, depth=2, num_heads=2, img_size=32)
