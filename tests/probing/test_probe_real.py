@@ -27,7 +27,7 @@ def test_probe_real_config_runs_on_tiny_limits(tmp_path):
     backbones = [{"name": "pixels", "image_size": 28}, "efficientnet-lite0@random"]
     result = probe.main(["--config", str(CONFIG), "--name", "tiny", "--runs_dir", str(tmp_path / "runs"),
                          "--cache_dir", str(tmp_path / "cache"), "--backbones", json.dumps(backbones),
-                         "--datasets", json.dumps(datasets), "--max_query_size", "40", "--knn_ks", "[3, 5]",
+                         "--datasets", json.dumps(datasets), "--max_query_size", "40", "--settings.knn_ks", "[3, 5]",
                          "--batch_size", "32", "--num_workers", "0", "--no_plots", "--no_progress"])
     rows = read_csv(result["run_dir"] / "results.csv")
     final = {(r["backbone"], r["dataset"], r["metric"]) for r in rows if r["layer"] == "final"}
