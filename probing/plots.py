@@ -177,12 +177,17 @@ def _bar_figure(metric: str, datasets: list[str], backbones: list[str], values: 
         if metric.startswith("fewshot") and metric.endswith("_acc"):
             ci = metric[: -len("_acc")] + "_ci95"
             errors = [values.get((ci, d, backbone), 0.0) for d in datasets]
+        elif any((f"{metric}_ci_low", d, backbone) in values for d in datasets):
+            # the bootstrap interval, asymmetric: distances from the value down to low and up to high
+            errors = [[max(0.0, h - values.get((f"{metric}_ci_low", d, backbone), h)) for h, d in zip(heights, datasets)],
+                      [max(0.0, values.get((f"{metric}_ci_high", d, backbone), h) - h) for h, d in zip(heights, datasets)]]
         containers.append(axis.bar([i + (b - (len(backbones) - 1) / 2) * width for i in range(len(datasets))],
                                    heights, width, yerr=errors, capsize=3, label=backbone))
     axis.set_xticks(range(len(datasets)), datasets)
     axis.set_xlabel("dataset")
     axis.set_ylabel(metric_label(metric))
-    axis.set_title(metric + (" (error bars: 95% CI)" if metric.startswith("fewshot") else ""))
+    has_ci = metric.startswith("fewshot") or any(key[0] == f"{metric}_ci_low" for key in values)
+    axis.set_title(metric + (" (error bars: 95% CI)" if has_ci else ""))
     axis.grid(True, axis="y")
     label_bars(axis, containers)
     legend_outside(axis, title="backbone")
