@@ -109,6 +109,29 @@ def _cka_heatmaps(out_dir: Path, cka_section: dict[str, Any]) -> list[Path]:
     return paths
 
 
+def similarity_heatmaps(out_dir: Path, section: dict[str, Any]) -> list[Path]:
+    """``--similarities``: per similarity, backbone x backbone per dataset and layer x layer per backbone and
+    dataset, each cell with its permutation p-value."""
+    from report.figures import similarity_heatmap
+
+    paths, permutations = [], section.get("permutations")
+    for name, per_dataset in section.get("backbones", {}).items():
+        for dataset, entry in per_dataset.items():
+            figure = similarity_heatmap(entry["scores"], entry["p_values"], entry["backbones"],
+                                        f"{name} between backbones ({dataset}), p from {permutations} permutations",
+                                        "backbone", f"{name} (raw score)")
+            paths.append(_save(figure, out_dir / f"similarity_{slug(name)}_backbones_{slug(dataset)}.png"))
+    for name, per_backbone in section.get("layers", {}).items():
+        for backbone, per_dataset in per_backbone.items():
+            for dataset, entry in per_dataset.items():
+                labels = [layer.replace("block", "") for layer in entry["layers"]]
+                figure = similarity_heatmap(entry["scores"], entry["p_values"], labels,
+                                            f"{name} between layers: {backbone} ({dataset}), family-wise p",
+                                            "layer (block index)", f"{name} (raw score)")
+                paths.append(_save(figure, out_dir / f"similarity_{slug(name)}_layers_{slug(backbone)}_{slug(dataset)}.png"))
+    return paths
+
+
 def layer_curves(out_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
     """Per dataset: one panel per metric, value vs block index per backbone; the final embedding as a star.
     Whole-number block ticks, a y label with the metric's unit, one legend right of the panels."""

@@ -248,6 +248,7 @@ def draw_plots(out_dir: Path, rows, cka_section, features, modules, pairs, cfg, 
                     out_dir, backbone, real, synthetic, per_dataset[real], per_dataset[synthetic],
                     list(modules[real].class_names), list(modules[synthetic].class_names), method, settings.seed))
     paths += plots.cka_heatmaps(out_dir, cka_section)
+    paths += plots.similarity_heatmaps(out_dir, cka_section.get("similarities", {}))
     paths += plots.layer_curves(out_dir, rows)
     paths += plots.metric_bars(out_dir, rows)
     for stale in set(out_dir.glob("*.png")) - set(paths):  # from an earlier run under the same name

@@ -190,6 +190,28 @@ def cka_heatmap(matrix: torch.Tensor, title: str, xlabel: str, ylabel: str, xtic
     return figure
 
 
+def similarity_heatmap(scores, p_values, labels: list[str], title: str, axis_label: str, colorbar_label: str):
+    """A calibrated similarity matrix: colour = raw score in [0, 1], each cell's text the score and its
+    permutation p-value (with * when p < 0.05), where the cells fit."""
+    matrix = torch.tensor(scores, dtype=torch.float64)
+    with figure_style():
+        figure, axis = plt.subplots(figsize=(2.4 + 0.75 * matrix.shape[1], 1.6 + 0.6 * matrix.shape[0]))
+        image = axis.imshow(matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        axis.set_title(title)
+        axis.set_xlabel(axis_label)
+        axis.set_ylabel(axis_label)
+        axis.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
+        axis.set_yticks(range(len(labels)), labels, fontsize=7)
+        if matrix.numel() <= 64:
+            for i in range(matrix.shape[0]):
+                for j in range(matrix.shape[1]):
+                    p = p_values[i][j]
+                    axis.text(j, i, f"{matrix[i, j]:.2f}\np={p:.3f}{'*' if p < 0.05 else ''}", ha="center",
+                              va="center", fontsize=6, color="black" if matrix[i, j] > 0.6 else "white")
+        labelled_colorbar(figure, image, axis, colorbar_label)
+        figure.tight_layout()
+    return figure
+
 
 def _accuracy_matrix_panel(axis, matrix: list[list[float | None]], title: str):
     values = torch.tensor([[math.nan if v is None else v for v in row] for row in matrix], dtype=torch.float64)

@@ -68,7 +68,7 @@ def test_probe_similarity_matrices_are_calibrated(tmp_path):
                          "--datasets", "[{name: digits, init_args: {limit_data: 120}}]", "--metrics", "[knn]",
                          "--settings.knn_ks", "[5]", "--similarities", "[linear_cka, mutual_knn]",
                          "--settings.calibration_permutations", "50", "--layers", "[0, 1]",
-                         "--num_workers", "0", "--no_progress", "--no_plots"])
+                         "--num_workers", "0", "--no_progress", "--embedding_map", "none"])
     rows = {(r["backbone"], r["layer"], r["metric"], r["against"]): r["value"] for r in result["rows"]}
     a, b = "convnext-tiny@random", "vit-b16@random"
     score = rows[(a, "final", "mutual_knn_backbones", b)]
@@ -78,3 +78,6 @@ def test_probe_similarity_matrices_are_calibrated(tmp_path):
     assert (a, "block00", "linear_cka_layers_p", "block01") in rows
     section = json.loads(result["results_json"].read_text())["cka"]["similarities"]
     assert section["permutations"] == 50 and section["backbones"]["linear_cka"]["digits"]["backbones"] == [a, b]
+    names = {path.name for path in result["plots"]}
+    assert "similarity_mutual_knn_backbones_digits.png" in names
+    assert any(n.startswith("similarity_linear_cka_layers_convnext") for n in names)
