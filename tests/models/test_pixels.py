@@ -71,7 +71,7 @@ def test_pixels_knn_on_fashion_mnist_matches_scikit_learn_prediction_for_predict
     """
     from sklearn.neighbors import KNeighborsClassifier
 
-    from callbacks.extract import extract
+    from features.extract import extract
     from geometry.knn import knn_predict
 
     backbone = Backbone("pixels")
