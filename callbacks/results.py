@@ -194,10 +194,16 @@ class ResultsWriter(L.Callback):
             table = Table(title="embedding geometry: initial -> final", show_header=True)
             for column in ("metric", "initial", "final", "delta"):
                 table.add_column(column, justify="left" if column == "metric" else "right")
-            for key, start in geometry["initial"].items():
-                if key in geometry["final"] and isinstance(start, float):
-                    end = geometry["final"][key]
-                    table.add_row(key, f"{start:.4f}", f"{end:.4f}", f"{end - start:+.4f}")
+            initial, final_ = geometry["initial"], geometry["final"]
+
+            def shown(values: dict, key: str) -> str:  # the value, ± half its 95% bootstrap interval when it has one
+                low, high = values.get(f"{key}_ci_low"), values.get(f"{key}_ci_high")
+                return f"{values[key]:.4f}" + ("" if low is None or high is None else f" ± {(high - low) / 2:.3f}")
+
+            for key, start in initial.items():
+                if key in final_ and isinstance(start, float) and not key.endswith(("_ci_low", "_ci_high")):
+                    end = final_[key]
+                    table.add_row(key, shown(initial, key), shown(final_, key), f"{end - start:+.4f}")
             console.print(table)
         checkpoint = trainer.checkpoint_callback
         last = getattr(checkpoint, "last_model_path", "") if stage == "fit" else ""
