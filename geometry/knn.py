@@ -78,14 +78,17 @@ def _neighbours(bank, queries, max_k, temperature, distance, chunk_size):
             scores = torch.addmm(bank_sq.neg().unsqueeze(0), q, bank_t, alpha=2.0)
         top_scores, top_index = scores.topk(max_k, dim=1, largest=True, sorted=True)
         del scores
-        top_scores = top_scores.double()
-        if distance == "euclidean":
-            top_scores = -(squared_norms(q).double().unsqueeze(1) - top_scores).clamp_(min=0.0).sqrt_()
-        if temperature is None:
-            weights = torch.ones_like(top_scores)
-        else:
-            weights = ((top_scores - top_scores[:, :1]) / temperature).exp_()
-        yield start, top_index, weights
+        yield start, top_index, vote_weights(top_scores.double(), q, distance, temperature)
+
+
+def vote_weights(top_scores: Tensor, queries: Tensor, distance: str, temperature: float | None) -> Tensor:
+    """Neighbour vote weights from the sorted top scores (cosine similarity, or 2 q.b - |b|^2 for Euclidean):
+    exp((s_j - s_1) / T), or 1 without a temperature."""
+    if distance == "euclidean":
+        top_scores = -(squared_norms(queries).double().unsqueeze(1) - top_scores).clamp_(min=0.0).sqrt_()
+    if temperature is None:
+        return torch.ones_like(top_scores)
+    return ((top_scores - top_scores[:, :1]) / temperature).exp_()
 
 
 def _class_votes(bank, bank_class, n_classes, queries, ks, temperature, distance, chunk_size):

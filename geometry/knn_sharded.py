@@ -21,7 +21,7 @@ from torch import Tensor
 
 from geometry.comm import as_shard, shard_offset
 from geometry.common import as_features, as_labels, check_distance, rows_per_chunk, squared_norms, unit_rows
-from geometry.knn import DEFAULT_KS, _check_topk, _hits, _rank, _votes
+from geometry.knn import DEFAULT_KS, _check_topk, _hits, _rank, _votes, vote_weights
 
 
 def _ordered_topk(scores: Tensor, keys: Tensor, k: int, key_order: Tensor) -> tuple[Tensor, Tensor]:
@@ -71,14 +71,7 @@ def sharded_knn_neighbours(bank, bank_class, bank_keys, queries, max_k: int, tem
         merged = merged.gather(1, merged[:, :, 1].argsort(dim=1, stable=True).unsqueeze(2).expand_as(merged))
         merged = merged.gather(1, merged[:, :, 0].argsort(dim=1, descending=True, stable=True)[:, :max_k]
                                .unsqueeze(2).expand(-1, -1, 3))
-        top_scores = merged[:, :, 0]
-        if distance == "euclidean":
-            top_scores = -(squared_norms(q).double().unsqueeze(1) - top_scores).clamp_(min=0.0).sqrt_()
-        if temperature is None:
-            weights = torch.ones_like(top_scores)
-        else:
-            weights = ((top_scores - top_scores[:, :1]) / temperature).exp_()
-        yield start, merged[:, :, 2].long(), weights
+        yield start, merged[:, :, 2].long(), vote_weights(merged[:, :, 0], q, distance, temperature)
 
 
 def sharded_knn_hits_and_predictions(bank, bank_labels, bank_keys, queries, query_labels, comm,

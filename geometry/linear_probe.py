@@ -12,10 +12,9 @@ A sweep trains every l2 of the grid together as stacked heads: one (D, G x C) we
 evaluation of all heads' losses and gradients is one matmul over the data. The heads share no parameters,
 so each keeps its own L-BFGS state (curvature pairs, step length, line search) and stops on its own; the
 batch shrinks as heads converge. One L-BFGS over the *summed* loss has the same minimiser, but its shared
-curvature estimate mixes heads of very different conditioning: on 8000 x 128 x 30 classes it needed
->500 iterations where the slowest head alone needs ~40, so it is not used.
-The grid is scored on a seeded stratified holdout of the *train* features; the test features are touched
-only once, by the final refit on all train features.
+curvature estimate mixes heads of very different conditioning (8000 x 128 x 30 classes: >500 iterations where
+the slowest head alone needs ~40). The grid is scored on a seeded stratified holdout of the *train* features;
+the test features are touched only once, by the final refit on all train features.
 
 Multi-label data gets one binary probe per label (``multilabel_linear_probe``); the k-shot probe
 (``lowshot_linear_probe_accuracy``) fits n samples per class with one fixed l2.
@@ -291,10 +290,16 @@ def linear_probe(train_x, train_y, test_x, test_y, l2_grid: Sequence[float] | No
     held_acc = (held_pred == train_y[held_idx]).double().mean(dim=1).tolist()
     best = max(range(len(grid)), key=lambda i: (held_acc[i], grid[i]))
 
-    mean, std = _standardizer(train_x)
+    return refit_and_score(train_x, train_y, test_x.to(train_x.device, train_x.dtype), test_y, grid, held_acc, best,
+                           sweep, classes, *_standardizer(train_x), max_iter, tol, return_probabilities)
+
+
+def refit_and_score(train_x, train_y, test_x, test_y, grid, held_acc, best, sweep, classes, mean, std, max_iter,
+                    tol, return_probabilities, comm=None) -> dict:
+    """Refit on all train features with the chosen l2 (warm start: the sweep's head), score the test features."""
     final = fit_logistic((train_x - mean) / std, train_y, grid[best], max_iter=max_iter, tol=tol, classes=classes,
-                         init=(sweep.weight[best : best + 1], sweep.bias[best : best + 1]))
-    test_logits = final.logits((test_x.to(train_x.device, train_x.dtype) - mean) / std)[0]
+                         init=(sweep.weight[best : best + 1], sweep.bias[best : best + 1]), comm=comm)
+    test_logits = final.logits((test_x - mean) / std)[0]
     test_pred = classes[test_logits.argmax(dim=1)]
     result = {"accuracy": float((test_pred == test_y).double().mean()), "l2": grid[best],
               "holdout_accuracy": dict(zip(grid, held_acc))}

@@ -28,6 +28,7 @@ from geometry.linear_probe import (
     _single_label_entries,
     fit_logistic,
     linear_metrics,
+    refit_and_score,
     stratified_holdout,
 )
 
@@ -87,15 +88,8 @@ def sharded_linear_probe(train_x, train_y, train_index, test_x, test_y, comm, l2
     best = max(range(len(grid)), key=lambda i: (held_acc[i], grid[i]))  # ties: the larger l2, as linear_probe
 
     mean, std = _standardizer(train_x, comm)
-    final = fit_logistic((train_x - mean) / std, train_y, grid[best], max_iter=max_iter, tol=tol, classes=classes,
-                         init=(sweep.weight[best : best + 1], sweep.bias[best : best + 1]), comm=comm)
-    test_logits = final.logits((test_x - mean) / std)[0]
-    test_pred = classes[test_logits.argmax(dim=1)]
-    result = {"accuracy": float((test_pred == test_y).double().mean()), "l2": grid[best],
-              "holdout_accuracy": dict(zip(grid, held_acc))}
-    if return_probabilities:
-        result.update(probabilities=test_logits.softmax(dim=1), predictions=test_pred, classes=classes)
-    return result
+    return refit_and_score(train_x, train_y, test_x, test_y, grid, held_acc, best, sweep, classes, mean, std,
+                           max_iter, tol, return_probabilities, comm=comm)
 
 
 def sharded_linear_metrics(bank, query, settings, comm) -> dict:
