@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers.photos import center_square
 
 from models.backbones import Backbone
 from models.pretrained_files import WeightsLoadError, efficientnet_lite0_state_dict
 
 PALACE, DAISY = 698, 985  # ImageNet-1k class indices
 
-
-def _center_square(image, size: int, mean, std) -> torch.Tensor:
-    x = torch.tensor(image).permute(2, 0, 1).float().div(255)[None]
-    height, width = x.shape[-2:]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    x = F.interpolate(x[..., top:top + side, left:left + side], size=(size, size), mode="bilinear",
-                      antialias=True, align_corners=False)
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 @pytest.mark.pretrained
@@ -31,7 +22,7 @@ def test_efficientnet_lite0_is_really_imagenet_pretrained():
     assert (prep.input_size, prep.mean, prep.std) == (224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     photos = load_sample_images()
     names = [path.rsplit("/", 1)[-1] for path in photos.filenames]
-    batch = torch.cat([_center_square(image, 224, prep.mean, prep.std) for image in photos.images])
+    batch = torch.cat([center_square(image, 224, prep.mean, prep.std) for image in photos.images])
     with torch.no_grad():
         top5 = backbone.imagenet_logits(batch).topk(5).indices.tolist()
         embedding = backbone.embed(batch)

@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers.photos import center_square
 
 from models.backbones import Backbone
 from models.pretrained_files import (
@@ -28,15 +28,6 @@ PACKAGED = ["efficientnet-lite1", "efficientnet-lite2", "mobilenetv2"]
 def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
-
-def center_square(image: np.ndarray, size: int, mean, std) -> torch.Tensor:
-    x = torch.tensor(image).permute(2, 0, 1).float().div(255)[None]
-    height, width = x.shape[-2:]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    x = F.interpolate(x[..., top:top + side, left:left + side], size=(size, size), mode="bilinear",
-                      antialias=True, align_corners=False)
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 def sample_photos() -> dict[str, np.ndarray]:
