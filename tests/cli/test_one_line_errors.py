@@ -106,10 +106,11 @@ def test_full_disk_names_the_file(capsys, tmp_path, monkeypatch):
 
 def test_debug_shows_the_traceback(capsys, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="limit_data"):
-        errors.run(train.main, ["fit", *QUICK, "--data.init_args.limit_data", "-5", "--debug"])
+        errors.run(train.main, ["fit", *QUICK, "--data.init_args.limit_data", "-5", "--debug",
+                                "--runs_dir", str(tmp_path)])  # not ./runs: an earlier quickstart would answer first
     monkeypatch.setenv("FMPROBE_DEBUG", "1")
     with pytest.raises(ValueError, match="limit_data"):
-        errors.run(train.main, ["fit", *QUICK, "--data.init_args.limit_data", "-5"])
+        errors.run(train.main, ["fit", *QUICK, "--data.init_args.limit_data", "-5", "--runs_dir", str(tmp_path)])
 
 
 def test_describe_reaches_the_innermost_constructor_error():
