@@ -169,16 +169,23 @@ def metric_curves_figure(history: list[dict], title: str = "embedding geometry d
     return figure
 
 
+def _unit_heatmap(matrix: torch.Tensor, title: str, xlabel: str, ylabel: str, cell: tuple[float, float],
+                  margin: tuple[float, float]):
+    """Figure, axis and image of a [0, 1] matrix on viridis, ``cell`` inches per column / row plus ``margin``."""
+    figure, axis = plt.subplots(figsize=(margin[0] + cell[0] * matrix.shape[1], margin[1] + cell[1] * matrix.shape[0]))
+    image = axis.imshow(matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    return figure, axis, image
+
+
 def cka_heatmap(matrix: torch.Tensor, title: str, xlabel: str, ylabel: str, xticks=None, yticks=None,
                 colorbar_label: str = CKA_LABEL):
     """A CKA matrix (values in [0, 1]) with a labelled colour bar, whole-number ticks and values in the cells
     when they fit."""
     with figure_style():
-        figure, axis = plt.subplots(figsize=(2.2 + 0.45 * matrix.shape[1], 1.4 + 0.4 * matrix.shape[0]))
-        image = axis.imshow(matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        axis.set_title(title)
-        axis.set_xlabel(xlabel)
-        axis.set_ylabel(ylabel)
+        figure, axis, image = _unit_heatmap(matrix, title, xlabel, ylabel, (0.45, 0.4), (2.2, 1.4))
         integer_ticks(axis, "both")
         if xticks is not None:
             axis.set_xticks(range(len(xticks)), xticks, fontsize=7)
@@ -195,11 +202,7 @@ def similarity_heatmap(scores, p_values, labels: list[str], title: str, axis_lab
     permutation p-value (with * when p < 0.05), where the cells fit."""
     matrix = torch.tensor(scores, dtype=torch.float64)
     with figure_style():
-        figure, axis = plt.subplots(figsize=(2.4 + 0.75 * matrix.shape[1], 1.6 + 0.6 * matrix.shape[0]))
-        image = axis.imshow(matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        axis.set_title(title)
-        axis.set_xlabel(axis_label)
-        axis.set_ylabel(axis_label)
+        figure, axis, image = _unit_heatmap(matrix, title, axis_label, axis_label, (0.75, 0.6), (2.4, 1.6))
         axis.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
         axis.set_yticks(range(len(labels)), labels, fontsize=7)
         if matrix.numel() <= 64:
