@@ -85,3 +85,24 @@ def test_two_process_ddp_gives_the_one_process_geometry(tmp_path):
                 assert r2[key] == pytest.approx(value, **tolerance), key
     assert (tmp_path / "two" / "config.yaml").exists()
     assert (tmp_path / "two" / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_quality_to_1e5_when_queries_outnumber_dims(tmp_path):
+    """Issue 16's acceptance, every label-free and drift number to 1e-5 across 1 and 2 processes, on
+    well-conditioned data: 5x more queries than embedding dims (the test above has fewer, where alpha-ReQ and
+    LiDAR amplify float32 rounding)."""
+    data = [*DDP_DATA[:2], "--data.init_args.val_fraction", "0.23", *DDP_DATA[4:]]
+    data[data.index("[knn, kmeans, linear, quality, similarity]")] = "[quality, similarity]"
+    run_train(tmp_path, "one", *data)
+    run_train(tmp_path, "two", *data, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+              "--trainer.accelerator", "cpu")
+    single, double = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    rows1, rows2 = single["geometry"]["history"], double["geometry"]["history"]
+    assert len(rows1) == len(rows2) == 2
+    for r1, r2 in zip(rows1, rows2):
+        assert r1["n_query"] == r2["n_query"] >= 5 * 64 and r1["n_query"] % 2 == 1
+        compared = [key for key in r1 if key not in ("seconds", "step", "epoch", "n_bank", "n_query")]
+        assert {"rankme", "alpha_req", "lidar", "uniformity", "mutual_knn_vs_initial"} <= set(compared)
+        for key in compared:
+            assert r2[key] == pytest.approx(r1[key], abs=1e-5, rel=1e-5), key
