@@ -74,10 +74,11 @@ def _linear_cka_scorer(x: Tensor, y: Tensor) -> Scorer:
     return score
 
 
-def _neighbour_scorer(x: Tensor, y: Tensor, k: int, kind: str) -> Scorer:
+def _neighbour_scorer(x: Tensor, y: Tensor, k: int, kind: str, neighbours: Callable | None = None) -> Scorer:
+    """``neighbours(t, k)``: a cache of ``nearest_neighbours`` (calibrate_layers retrieves each layer once)."""
     x, y = paired_features(x, y, minimum=4)
-    vx, ix = nearest_neighbours(x, k)
-    vy, iy = nearest_neighbours(y, k)
+    vx, ix = (neighbours or nearest_neighbours)(x, k)
+    vy, iy = (neighbours or nearest_neighbours)(y, k)
 
     def score(perm):
         if perm is None:
@@ -142,7 +143,8 @@ def _rsa_scorer(x: Tensor, y: Tensor, method: str) -> Scorer:
 def permutation_scorer(similarity: str | Callable, x, y, **kwargs) -> Scorer:
     """A function of a row permutation of y returning the similarity of x and the permuted y.
 
-    ``kwargs``: ``k`` (mutual_knn, cknna; default 10), ``keep`` (svcca; 0.99), ``method`` (rsa; "spearman").
+    ``kwargs``: ``k`` (mutual_knn, cknna; default 10), ``keep`` (svcca; 0.99), ``method`` (rsa; "spearman"),
+    ``neighbours`` (mutual_knn, cknna: a function ``(t, k) -> nearest_neighbours(t, k)``, e.g. a cache).
     """
     if callable(similarity):
         x, y = as_features(x, "x"), as_features(y, "y")
@@ -150,12 +152,24 @@ def permutation_scorer(similarity: str | Callable, x, y, **kwargs) -> Scorer:
     if similarity == "linear_cka":
         return _linear_cka_scorer(x, y)
     if similarity in ("mutual_knn", "cknna"):
-        return _neighbour_scorer(x, y, int(kwargs.get("k", 10)), similarity)
+        return _neighbour_scorer(x, y, int(kwargs.get("k", 10)), similarity, kwargs.get("neighbours"))
     if similarity in ("procrustes", "svcca", "pwcca"):
         return _cca_scorer(x, y, similarity, float(kwargs.get("keep", 0.99)))
     if similarity == "rsa":
         return _rsa_scorer(x, y, kwargs.get("method", "spearman"))
     raise ValueError(f"unknown similarity {similarity!r}: pass a function (x, y) -> float or one of {SIMILARITIES}")
+
+
+def _neighbour_cache() -> Callable:
+    """``nearest_neighbours`` remembered per tensor (by identity, dtype and k) for one ``calibrate_layers`` call."""
+    cache: dict = {}
+
+    def neighbours(t: Tensor, k: int):
+        key = (t.data_ptr(), tuple(t.shape), t.dtype, t.device, k)
+        if key not in cache:  # the tensor is kept too, so its memory (and address) is not reused meanwhile
+            cache[key] = (t, nearest_neighbours(t, k))
+        return cache[key][1]
+    return neighbours
 
 
 def seeded_permutations(n: int, count: int, seed: int, device: torch.device):
@@ -190,6 +204,8 @@ def calibrate_layers(similarity: str | Callable, xs: Sequence, ys: Sequence, n_p
     if not xs or not ys:
         raise ValueError("calibrate_layers needs at least one representation on each side")
     n, device = xs[0].shape[0], xs[0].device
+    if similarity in ("mutual_knn", "cknna") and "neighbours" not in kwargs:
+        kwargs["neighbours"] = _neighbour_cache()  # L + L' retrievals instead of 2 L L'
     # One pair at a time (each scorer holds copies of its pair), replaying the same seeded permutations.
     scores = [[0.0] * len(ys) for _ in xs]
     null = [float("-inf")] * n_permutations

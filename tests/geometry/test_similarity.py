@@ -10,6 +10,7 @@ import scipy.stats
 import torch
 from helpers.thread_comm import run_ranks
 
+import geometry.similarity as similarity_module
 from geometry.calibration import calibrated, permutation_scorer
 from geometry.cka import linear_cka
 from geometry.similarity import (
@@ -277,6 +278,26 @@ def test_calibrate_layers_takes_the_max_over_pairs_for_score_and_null():
     single = calibrate("linear_cka", xs[1], ys[0], n_permutations=50, seed=3)
     # the max-null is at least each pair's null: a pair's family-wise p-value is never below its own
     assert out["p_values"][1][0] >= single["p_value"]
+
+
+@pytest.mark.parametrize("name", ["mutual_knn", "cknna"])
+def test_calibrate_layers_retrieves_each_layer_once_with_the_uncached_numbers(name, monkeypatch):
+    import geometry.calibration as calibration
+
+    rng = np.random.default_rng(5)
+    xs = [torch.from_numpy(rng.standard_normal((60, d))).float() for d in (5, 8, 3)]
+    uncached = calibrate_layers(name, xs, xs, n_permutations=20, seed=2, k=5,
+                                neighbours=calibration.nearest_neighbours)
+    calls = []
+    monkeypatch.setattr(calibration, "nearest_neighbours",
+                        lambda t, k: calls.append(t.shape) or similarity_module.nearest_neighbours(t, k))
+    cached = calibrate_layers(name, xs, xs, n_permutations=20, seed=2, k=5)
+    assert len(calls) == 3  # one retrieval per layer, not two per each of the 9 pairs
+    assert cached == uncached
+    for a in range(3):
+        for b in range(3):
+            single = calibrate(name, xs[a], xs[b], n_permutations=20, seed=2, k=5)
+            assert cached["scores"][a][b] == single["score"]
 
 
 def test_unknown_similarity_is_rejected():
