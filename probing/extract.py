@@ -197,6 +197,11 @@ class ExtractionRunner:
             warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             self.trainer.predict(_ProcessStart(), return_predictions=False)
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):  # e.g. a strategy that spawns workers and ends them
+            raise RuntimeError(f"strategy {self.trainer_kwargs['strategy']!r} left no process group for sharded "
+                               "metrics; use --strategy ddp (or --shard_metrics false)")
         return metrics_comm(True)
 
     def __call__(self, backbone, dataset: Dataset, make_loader, blocks: list[int], what: str) -> dict:
