@@ -35,8 +35,8 @@ BACKBONES = probe_backbones("convnext-tiny", probe_backbone("convnext-tiny", lab
 ARGS = ["--backbones", BACKBONES,
         "--datasets", "[{name: digits, init_args: {limit_data: 101}}]", "--max_query_size", "51",
         "--metrics", "[knn, kmeans, linear, cka]", "--settings.knn_ks", "[3, 5]", "--settings.bootstrap_n", "50",
-        "--compare", "[[all]]", "--layers", "[1]", "--layer_metrics", "[knn, kmeans, cka]", "--batch_size", "16", "--num_workers", "0", "--no_plots",
-        "--no_progress", "--accelerator", "cpu"]
+        "--compare", "[[all]]", "--layers", "[1]", "--layer_metrics", "[knn, kmeans, cka]", "--batch_size", "16",
+        "--num_workers", "0", "--no_plots", "--no_progress", "--accelerator", "cpu"]
 
 
 def tolerance(metric: str) -> float:
