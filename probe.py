@@ -107,6 +107,10 @@ def build_parser() -> ArgumentParser:
     add("--devices", type=int | str, default=1, help="Devices for extraction (e.g. 2 with --strategy ddp).")
     add("--strategy", type=str, default="auto", help="Lightning strategy for extraction (e.g. ddp).")
     add("--num_nodes", type=int, default=1, help="Nodes for multi-node extraction.")
+    add("--shard_metrics", type=bool | None, default=None,
+        help="With several processes: each keeps only its own rows of every feature set (its own cache entries) "
+             "and the metrics are computed across processes, so none holds a whole bank; false: gather everything, "
+             "rank 0 computes (default: on when more than one process extracts).")
     add("--precision", type=str, default="32",
         help="Autocast of the forward pass: 32, bf16 or fp16 (also Lightning's bf16-mixed / 16-mixed; meant for "
              "GPUs); part of the cache key.")

@@ -30,7 +30,8 @@ current one); ``geometry.continual.stability_metrics`` turns the curves into min
 checkpoint state: a resumed fit continues them.
 
 Under DDP every rank scores a disjoint, unpadded shard and the counts are summed, so R equals the one-process
-R; features for geometry and CKA are gathered by sample index (``features.extract``). Numbers go to every
+R; geometry, R_repr and CKA (``callbacks.continual_representation``) keep each rank's shard of the features
+and compute across ranks (``shard_metrics``), or gather them by sample index. Numbers go to every
 logger (``continual/R_<i>_<j>``, ``continual/acc_exp<j>``, ``continual/acc``, ``continual/forgetting``, ...),
 to ``results.json`` (section ``continual``) and to heatmaps in ``<run dir>/plots/``: R, R beside R_repr, CKA
 (experience x block). It reads the module's ``backbone``, ``embed`` and ``logits(images, task, upto)``, and the
@@ -40,7 +41,6 @@ datamodule's ``ExperienceStream`` members only.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 
@@ -48,15 +48,16 @@ import lightning as L
 import torch
 
 from callbacks.continual_records import KINDS, ResourceMeter, StabilityCurves
+from callbacks.continual_representation import RepresentationMeasures
 from callbacks.plots import log_figure
 from datamodules.continual import check_stream, rank_shard
-from features.extract import block_features, eval_mode, extract, gather_by_index, seeded_subset, shard_loader
+from features.extract import eval_mode, seeded_subset
 from geometry.continual import cl_metrics
-from geometry.suite import MetricSettings, check_metrics, evaluate_features
+from geometry.suite import MetricSettings, check_metrics
 from report import figures
 
 
-class ContinualEval(L.Callback):
+class ContinualEval(RepresentationMeasures, L.Callback):
     """Accuracy matrix, CL metrics and representation drift after every experience.
 
     Args:
@@ -75,6 +76,9 @@ class ContinualEval(L.Callback):
         repr_probe: Also the linear probe's R_repr_probe (slower: one probe per experience and row).
         eval_every_n_steps: Measure the stability curves every this many training steps; None: not at all.
         stability_samples: Test images per experience (seeded subset) of the stability curves.
+        shard_metrics: Keep each rank's shard of the features and compute geometry, R_repr and CKA across ranks
+            (no rank holds a whole bank); False: gather everything, rank 0 computes. None: True when
+            ``world_size > 1``.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class ContinualEval(L.Callback):
         repr_probe: bool = False,
         eval_every_n_steps: int | None = None,
         stability_samples: int = 200,
+        shard_metrics: bool | None = None,
     ):
         if eval_every_n_steps is not None and eval_every_n_steps < 1:
             raise ValueError(f"eval_every_n_steps must be >= 1 or None, got {eval_every_n_steps}")
@@ -104,6 +109,7 @@ class ContinualEval(L.Callback):
         self.plots = plots
         self.repr_matrix, self.repr_probe = repr_matrix or repr_probe, repr_probe
         self.eval_every_n_steps, self.stability_samples = eval_every_n_steps, stability_samples
+        self.shard_metrics = shard_metrics
         self.stability, self.meter = StabilityCurves(), ResourceMeter()
         self.repr_k: int | None = None  # R_repr's k, fixed at the first measurement
         self._resumed = self._meter_resumed = False
@@ -188,50 +194,6 @@ class ContinualEval(L.Callback):
         correct, total = self._counts(trainer, pl_module, dataset, upto).sum(1).tolist()
         return correct / total if total > 0 else math.nan
 
-    def _features(self, trainer: L.Trainer, pl_module: L.LightningModule, embed, dataset, max_size) -> dict:
-        datamodule = trainer.datamodule
-        dataset = seeded_subset(dataset, max_size, self.settings.seed)
-        loader = shard_loader(dataset, datamodule.make_loader, trainer.world_size, trainer.global_rank)
-        local = extract(embed, loader, pl_module.device)
-        return gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
-
-    def _geometry(self, trainer: L.Trainer, pl_module: L.LightningModule, embed, experience: int) -> dict:
-        datamodule = trainer.datamodule
-        bank = self._features(trainer, pl_module, embed, datamodule.seen_dataset(experience, "train"),
-                              self.max_bank_size)
-        query = self._features(trainer, pl_module, embed, datamodule.seen_dataset(experience, "test"),
-                               self.max_query_size)
-        values = None
-        if trainer.is_global_zero:
-            values = evaluate_features(bank, query, self.geometry, self.settings)
-        return trainer.strategy.broadcast(values, src=0)
-
-    def _knn_k(self, trainer: L.Trainer) -> int:
-        """R_repr's one k: the first of ``knn_ks`` every experience's bank can feed (else the smallest bank)."""
-        if self.repr_k is None:
-            datamodule = trainer.datamodule
-            smallest = min(len(seeded_subset(datamodule.experience_dataset(j, "train", augment=False),
-                                             self.max_bank_size, self.settings.seed))
-                           for j in range(datamodule.n_experiences))
-            self.repr_k = next((k for k in self.settings.knn_ks if k <= smallest), smallest)
-        return self.repr_k
-
-    def _representation(self, trainer: L.Trainer, pl_module: L.LightningModule, experience: int,
-                        query_size: int | None, probe: bool) -> dict[str, float]:
-        """kNN (and linear probe) accuracy of ``experience``'s test data, bank = its training data."""
-        datamodule = trainer.datamodule
-        bank = self._features(trainer, pl_module, pl_module.embed,
-                              datamodule.experience_dataset(experience, "train", augment=False), self.max_bank_size)
-        query = self._features(trainer, pl_module, pl_module.embed, datamodule.experience_dataset(experience, "test"),
-                               query_size)
-        values = None
-        if trainer.is_global_zero:
-            k = self._knn_k(trainer)
-            settings = dataclasses.replace(self.settings, knn_ks=(k,), knn_topk=(1,))
-            found = evaluate_features(bank, query, ("knn", "linear") if probe else ("knn",), settings)
-            values = {"knn": found[f"knn_top1@{k}"], **({"probe": found["linear_probe_acc"]} if probe else {})}
-        return trainer.strategy.broadcast(values, src=0)
-
     def _stability_point(self, trainer: L.Trainer, pl_module: L.LightningModule, current: int) -> None:
         """Head and kNN accuracy on the stability subset of every experience 0..current, at this step."""
         datamodule, step = trainer.datamodule, trainer.global_step
@@ -246,21 +208,6 @@ class ContinualEval(L.Callback):
                 self.stability.add("knn", j, step, value["knn"])
         self._log(trainer, {f"continual/stability_{kind}_acc_exp{j}": self.stability.curves[kind][j][-1][1]
                             for kind in KINDS for j in range(current + 1)})
-
-    def _block_cka(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
-        from geometry.cka import linear_cka
-
-        datamodule = trainer.datamodule
-        dataset = seeded_subset(datamodule.test_dataset(), self.cka_samples, self.settings.seed)
-        loader = shard_loader(dataset, datamodule.make_loader, trainer.world_size, trainer.global_rank)
-        local = block_features({"now": pl_module.backbone, "initial": self.initial}, loader, pl_module.device)
-        features = gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
-        values = None
-        if trainer.is_global_zero:
-            n_blocks = sum(key.startswith("now") for key in features)
-            values = [linear_cka(features[f"now{i}"], features[f"initial{i}"], debiased=self.cka_debiased)
-                      for i in range(n_blocks)]
-        return trainer.strategy.broadcast(values, src=0)
 
     def close(self, trainer: L.Trainer, pl_module: L.LightningModule, experience: int) -> dict:
         """Measure everything for the end of ``experience`` (idempotent per experience)."""

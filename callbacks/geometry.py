@@ -26,23 +26,10 @@ import lightning as L
 import torch
 
 from callbacks.plots import geometry_figures
-from features.extract import (
-    bytes_needed,
-    describe_bytes,
-    eval_mode,
-    extract,
-    gather_by_index,
-    trainer_shard_loader,
-)
-from geometry.comm import TorchDistComm, gather_feature_set, own_rows
-from geometry.suite import (
-    DEFAULT_METRICS,
-    DRIFT_METRICS,
-    MetricSettings,
-    check_metrics,
-    evaluate_features,
-    metric_keywords,
-)
+from features.extract import bytes_needed, describe_bytes, eval_mode, extract, trainer_shard_loader
+from features.shards import metrics_across_ranks, metrics_comm, rank_features, shard_metrics_on
+from geometry.comm import gather_feature_set
+from geometry.suite import DEFAULT_METRICS, DRIFT_METRICS, MetricSettings, check_metrics, metric_keywords
 from report.figures import map_method
 
 log = logging.getLogger(__name__)
@@ -148,12 +135,11 @@ class GeometryEval(L.Callback):
     def _features(self, trainer: L.Trainer, pl_module: L.LightningModule, dataset, max_size, what: str) -> dict:
         loader = trainer_shard_loader(trainer, dataset, max_size, self.settings.seed)
         local = extract(pl_module.embed, loader, pl_module.device, self.bank_dtype, what=what)
-        if self._sharded(trainer):
-            return own_rows(TorchDistComm(), local)
-        return gather_by_index(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device)
+        return rank_features(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device,
+                             self._sharded(trainer))
 
     def _sharded(self, trainer: L.Trainer) -> bool:
-        return trainer.world_size > 1 and self.shard_metrics is not False
+        return shard_metrics_on(self.shard_metrics, trainer.world_size)
 
     def _check_budget(self, n: int, dim: int) -> None:
         if self.memory_budget_gb is None:
@@ -182,7 +168,7 @@ class GeometryEval(L.Callback):
             novel = None
             if any("novel" in metric_keywords(m) for m in self.metrics) and hasattr(datamodule, "novel_dataset"):
                 novel = self._features(trainer, pl_module, datamodule.novel_dataset(), None, "novel features")
-        comm = TorchDistComm() if sharded else None
+        comm = metrics_comm(sharded)
         # The queries whole (sorted by index) on every rank: small, and what the pictures and the saved baseline need.
         whole_query = gather_feature_set(comm, query) if sharded else query
         if self.needs_reference and self.reference is None:
@@ -191,24 +177,16 @@ class GeometryEval(L.Callback):
         if sharded and reference is not None:  # this rank's rows of the baseline, in its query shard's order
             rows = torch.searchsorted(reference["index"].to(query["index"].device), query["index"])
             reference = {k: v.to(query["index"].device)[rows] for k, v in reference.items()}
-        values: dict[str, float] | None = None
+        per_query: dict = {}
+        values = metrics_across_ranks(trainer, bank, query, self.metrics, self.settings, comm, novel=novel,
+                                      reference=reference, per_query=per_query)
+        if trainer.is_global_zero:
+            self._compare_with_initial(per_query, epoch)
         counts = (len(bank["index"]), len(query["index"]))
         if sharded:
-            per_query = {}
-            values = evaluate_features(bank, query, self.metrics, self.settings, novel=novel,
-                                       reference=reference, per_query=per_query, comm=comm)
-            if trainer.is_global_zero:
-                self._compare_with_initial(per_query, epoch)
             counts = tuple(int(n) for n in comm.all_reduce(torch.tensor(counts)))
-        elif trainer.is_global_zero:
-            per_query: dict = {}
-            values = evaluate_features(bank, query, self.metrics, self.settings, novel=novel,
-                                       reference=self.reference, per_query=per_query)
-            self._compare_with_initial(per_query, epoch)
         if self.query_shifts:
-            shifted = self._shifted_values(trainer, pl_module, bank, datamodule, comm)
-            values = {**values, **shifted} if trainer.is_global_zero else values
-        values = trainer.strategy.broadcast(values, src=0)
+            values = {**values, **self._shifted_values(trainer, pl_module, bank, datamodule, comm)}
         self._check_collapse(values, epoch)
         row = {"epoch": epoch, "step": trainer.global_step, "seconds": round(time.perf_counter() - start, 3),
                "n_bank": counts[0], "n_query": counts[1], **values}
@@ -261,9 +239,8 @@ class GeometryEval(L.Callback):
                 query = self._features(trainer, pl_module, CorruptedDataset(datamodule.query_dataset(), corruption,
                                                                             severity, mean, std),
                                        self.max_query_size, f"query features, {name}")
-            if comm is not None or trainer.is_global_zero:
-                values = evaluate_features(bank, query, metrics, self.settings, on_error="warn", comm=comm)
-                out.update({f"{key}@{name}": value for key, value in values.items()})
+            values = metrics_across_ranks(trainer, bank, query, metrics, self.settings, comm, on_error="warn")
+            out.update({f"{key}@{name}": value for key, value in values.items()})
         return out
 
     def _log(self, trainer: L.Trainer, values: dict[str, float]) -> None:

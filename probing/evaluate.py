@@ -4,6 +4,10 @@ Per (backbone, dataset, layer): kNN, k-means ARI/NMI, linear probe, few-shot and
 super-classes, the hierarchy metrics; kNN and the linear probe learn from the train split and are scored on
 the query split, the others use the query split (hierarchy: plus the held-out novel sub-classes). CKA compares
 the query-split features of two backbones on the same dataset, and every pair of layers of one backbone.
+
+``comm`` (a ``geometry.comm.Communicator``, in a sharded probe run): every feature set is this process's shard;
+every process calls :func:`evaluate` and gets the one-process rows (the suite computes across processes, CKA
+all-reduces its d x d sums).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def check_metrics(metrics: list[str], what: str = "metrics") -> list[str]:
 
 
 def layer_metrics(splits: dict[str, dict[str, dict]], layer: str, metrics: list[str], settings: MetricSettings,
-                  where: str = "", per_query: dict | None = None) -> dict[str, float]:
+                  where: str = "", per_query: dict | None = None, comm=None) -> dict[str, float]:
     """Suite metrics of one layer: bank = the train split, queries = the query split, novel if extracted.
 
     One call per metric, so a metric the data cannot support (e.g. 10-shot episodes with 12 samples per
@@ -46,28 +50,38 @@ def layer_metrics(splits: dict[str, dict[str, dict]], layer: str, metrics: list[
     for metric in (m for m in metrics if m not in PROBE_ONLY_METRICS):
         try:
             out.update(evaluate_features(splits["train"][layer], splits["query"][layer], [metric], settings,
-                                         novel=novel, per_query=per_query))
+                                         novel=novel, per_query=per_query, comm=comm))
         except ValueError as error:
             log.warning("%s skipped on %s, layer %s: %s", metric, where, layer, error)
     return out
 
 
-def same_samples(a: dict, b: dict) -> bool:
-    return len(a["index"]) == len(b["index"]) and torch.equal(a["index"], b["index"])
+def same_samples(a: dict, b: dict, comm=None) -> bool:
+    """Whether two feature sets hold the same samples in the same order (sharded: on every process)."""
+    same = len(a["index"]) == len(b["index"]) and torch.equal(a["index"], b["index"])
+    return same if comm is None else bool(comm.all_reduce(torch.tensor([float(not same)]))[0] == 0)
 
 
-def cka_matrix(features: list[torch.Tensor], debiased: bool) -> list[list[float]]:
+def cka_matrix(features: list[torch.Tensor], debiased: bool, comm=None) -> list[list[float]]:
     """Symmetric CKA matrix of a list of (N, D_i) feature sets over the same N samples (``linear_cka`` of every
     pair; ``geometry.cka.linear_cka_matrix`` builds each set's Gram once). The diagonal is computed too:
-    debiased CKA of a representation with itself is 1 only in expectation."""
-    from geometry.cka import linear_cka_matrix
+    debiased CKA of a representation with itself is 1 only in expectation. ``comm``: the sets are this process's
+    rows of the samples; each pair all-reduces its d x d sums (``linear_cka(comm=)``)."""
+    from geometry.cka import linear_cka, linear_cka_matrix
 
-    return linear_cka_matrix([f.float() for f in features], debiased=debiased)
+    features = [f.float() for f in features]
+    if comm is None:
+        return linear_cka_matrix(features, debiased=debiased)
+    matrix = [[0.0] * len(features) for _ in features]
+    for i, x in enumerate(features):
+        for j in range(i, len(features)):
+            matrix[i][j] = matrix[j][i] = linear_cka(x, features[j], debiased=debiased, comm=comm)
+    return matrix
 
 
 def evaluate(features: dict[str, dict[str, dict]], metrics: list[str], block_metrics: list[str],
              settings: MetricSettings, cka_debiased: bool,
-             per_query: dict | None = None) -> tuple[list[dict], dict[str, Any]]:
+             per_query: dict | None = None, comm=None) -> tuple[list[dict], dict[str, Any]]:
     """All rows and the CKA matrices from ``features[backbone][dataset][split][layer]`` (feature dicts).
 
     ``per_query`` (a dict), when given, receives ``{(backbone, dataset): {metric: PerQuery}}`` of the final
@@ -86,19 +100,19 @@ def evaluate(features: dict[str, dict[str, dict]], metrics: list[str], block_met
                 keep = per_query.setdefault((backbone, dataset), {}) \
                     if per_query is not None and layer == FINAL_LAYER else None
                 values = layer_metrics(splits, layer, wanted, settings, where=f"{backbone} / {dataset}",
-                                       per_query=keep)
+                                       per_query=keep, comm=comm)
                 rows += [row(backbone, dataset, layer, name, value) for name, value in values.items()]
             if "cka" in block_metrics and len(layers) > 1:
-                matrix = cka_matrix([splits["query"][layer]["embedding"] for layer in layers], cka_debiased)
+                matrix = cka_matrix([splits["query"][layer]["embedding"] for layer in layers], cka_debiased, comm)
                 cka_section["layers"].setdefault(backbone, {})[dataset] = {"layers": layers, "matrix": matrix}
                 rows += [row(backbone, dataset, a, "cka_layers", matrix[i][j], against=b)
                          for i, a in enumerate(layers) for j, b in enumerate(layers) if i != j]
     if "cka" in metrics:
-        rows += backbone_cka(features, cka_debiased, cka_section)
+        rows += backbone_cka(features, cka_debiased, cka_section, comm)
     return rows, cka_section
 
 
-def backbone_cka(features: dict, debiased: bool, section: dict) -> list[dict]:
+def backbone_cka(features: dict, debiased: bool, section: dict, comm=None) -> list[dict]:
     """CKA between the final embeddings of every pair of backbones, per dataset (same samples required)."""
     rows = []
     names = list(features)
@@ -108,10 +122,10 @@ def backbone_cka(features: dict, debiased: bool, section: dict) -> list[dict]:
         if len(have) < 2:
             continue
         sets = [features[b][dataset]["query"][FINAL_LAYER] for b in have]
-        if not all(same_samples(sets[0], other) for other in sets[1:]):
+        if not all([same_samples(sets[0], other, comm) for other in sets[1:]]):  # a list: every rank calls each
             log.warning("CKA between backbones on %s skipped: the backbones saw different samples", dataset)
             continue
-        matrix = cka_matrix([s["embedding"] for s in sets], debiased)
+        matrix = cka_matrix([s["embedding"] for s in sets], debiased, comm)
         section["backbones"][dataset] = {"backbones": have, "matrix": matrix}
         rows += [row(a, dataset, FINAL_LAYER, "cka_backbones", matrix[i][j], against=b)
                  for i, a in enumerate(have) for j, b in enumerate(have) if i != j]

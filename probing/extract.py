@@ -2,9 +2,12 @@
 
 ``Trainer.predict`` runs a small wrapper module, so ``--devices N`` / ``--strategy ddp`` extract on several
 devices. Each batch goes through ``features.extract.extract`` (the geometry callback's extraction: NaN check,
-autocast, dtype) and the shards are joined by ``features.extract.gather_by_index``, so every sample counts once
-and N processes give the one-process arrays. One forward pass yields the final embedding and, in layer-wise
-mode, every requested block's pooled features; each layer is one cache entry.
+autocast, dtype). The shards are joined by ``features.extract.gather_by_index``, so every sample counts once and
+N processes give the one-process arrays; or, with ``shard_metrics`` (the default when several processes
+extract), each rank keeps only its own rows (``features.shards.rank_features``, GeometryEval's rule) and the
+metrics are computed across ranks: no process holds a whole bank. A rank's shard is then cached as its own entry
+(the key names the rank and the number of processes). One forward pass yields the final embedding and, in
+layer-wise mode, every requested block's pooled features; each layer is one cache entry.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from torch.utils.data import Dataset
 
-from features.extract import extract, gather_by_index, seeded_subset, shard_loader
+from features.extract import FIELDS, extract, seeded_subset, shard_loader
+from features.shards import metrics_comm, rank_features, shard_metrics_on
 from probing.cache import FeatureCache
 
 log = logging.getLogger(__name__)
@@ -69,11 +73,13 @@ class FeatureExtractor(L.LightningModule):
         autocast_dtype: bf16 / fp16 autocast of the forward pass, or None (float32).
         feature_dtype: Storage dtype of the features.
         what: Description used in progress bars and error messages.
+        sharded: Keep this rank's own rows (``features.shards.rank_features``) instead of gathering every rank's.
     """
 
     def __init__(self, backbone, dataset: Dataset, make_loader, blocks: list[int], autocast_dtype=None,
-                 feature_dtype: torch.dtype = torch.float32, what: str = "features"):
+                 feature_dtype: torch.dtype = torch.float32, what: str = "features", sharded: bool = False):
         super().__init__()
+        self.sharded = sharded
         self.backbone = backbone
         self.dataset, self.make_loader, self.blocks = dataset, make_loader, list(blocks)
         self.autocast_dtype, self.feature_dtype, self.what = autocast_dtype, feature_dtype, what
@@ -115,9 +121,9 @@ class FeatureExtractor(L.LightningModule):
         local = {name: torch.cat([part[name] for part in self._parts]) for name in self._parts[0]}
         self._parts = []
         strategy = self.trainer.strategy
-        gathered = gather_by_index(local, strategy.all_gather, self.trainer.world_size, self.device)
-        columns = torch.split(gathered.pop("embedding"), self.dims, dim=1)
-        self.features = {name: {"embedding": column.contiguous(), **gathered}
+        kept = rank_features(local, strategy.all_gather, self.trainer.world_size, self.device, self.sharded)
+        columns = torch.split(kept.pop("embedding"), self.dims, dim=1)
+        self.features = {name: {"embedding": column.contiguous(), **kept}
                          for name, column in zip(self.layer_names, columns)}
 
 
@@ -138,10 +144,13 @@ class ExtractionRunner:
         precision: ``32``, ``bf16`` or ``fp16``: autocast dtype of the forward pass (features stay float).
         feature_dtype: ``float32`` or ``float16`` storage of features (halves cache and memory).
         progress: Show Rich progress bars.
+        shard_metrics: Keep each rank's own rows and compute the metrics across ranks (``features.shards``);
+            None: when more than one process extracts.
     """
 
     def __init__(self, accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto",
-                 num_nodes: int = 1, precision: str = "32", feature_dtype: str = "float32", progress: bool = True):
+                 num_nodes: int = 1, precision: str = "32", feature_dtype: str = "float32", progress: bool = True,
+                 shard_metrics: bool | None = None):
         if any(word in str(strategy) for word in ("spawn", "fork")):
             raise ValueError(f"strategy {strategy!r} extracts in processes whose features never come back; use "
                              "--strategy ddp (one process per device, launched from this script)")
@@ -152,7 +161,7 @@ class ExtractionRunner:
                                "num_nodes": num_nodes}
         self.autocast_dtype = AUTOCAST_DTYPES[precision]
         self.feature_dtype = getattr(torch, feature_dtype)
-        self.progress = progress
+        self.progress, self.shard_metrics = progress, shard_metrics
         self.calls = 0
         self._trainer: L.Trainer | None = None
         self._bar = progress_bar() if progress else None
@@ -167,9 +176,37 @@ class ExtractionRunner:
             )
         return self._trainer
 
+    @property
+    def world_size(self) -> int:
+        """Processes that will extract (one device on one node: 1, without building the Trainer)."""
+        single = str(self.trainer_kwargs["devices"]) == "1" and self.trainer_kwargs["num_nodes"] == 1
+        return 1 if single else self.trainer.world_size
+
+    @property
+    def sharded(self) -> bool:
+        return shard_metrics_on(self.shard_metrics, self.world_size)
+
+    def start_processes(self):
+        """Launch the other processes now (Lightning starts them at the first ``predict``) and return the metrics'
+        communicator: a sharded run needs every rank, even when every feature comes from the cache. The other
+        processes run the script from its start, so they reach this call at the same point."""
+        if self._bar is not None:
+            self._bar.description = "starting processes"
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*predict returned None.*")
+            warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            self.trainer.predict(_ProcessStart(), return_predictions=False)
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):  # e.g. a strategy that spawns workers and ends them
+            raise RuntimeError(f"strategy {self.trainer_kwargs['strategy']!r} left no process group for sharded "
+                               "metrics; use --strategy ddp (or --shard_metrics false)")
+        return metrics_comm(True)
+
     def __call__(self, backbone, dataset: Dataset, make_loader, blocks: list[int], what: str) -> dict:
         module = FeatureExtractor(backbone, dataset, make_loader, blocks, self.autocast_dtype, self.feature_dtype,
-                                  what)
+                                  what, sharded=self.sharded)
         if self._bar is not None:
             self._bar.description = what
         with warnings.catch_warnings():
@@ -180,6 +217,16 @@ class ExtractionRunner:
         if module.features is None:  # e.g. a strategy Lightning chose that forks or spawns workers
             raise RuntimeError(f"extraction of {what} returned no features; run with --strategy ddp")
         return module.features
+
+
+class _ProcessStart(L.LightningModule):
+    """One empty step on every rank: what ``ExtractionRunner.start_processes`` predicts."""
+
+    def predict_dataloader(self):
+        return torch.utils.data.DataLoader([0])
+
+    def predict_step(self, batch, batch_idx: int) -> None:
+        return None
 
 
 def rank_zero_decides(value: Any) -> Any:
@@ -228,11 +275,13 @@ class FeatureCollector:
         max_sizes: Per split name, a cap on samples (seeded subset), or None.
         seed: Seed of the subsets and of random backbone initialisation.
         precision, feature_dtype: Part of the key (they change the numbers).
+        comm: The communicator of a sharded run (``ExtractionRunner.start_processes``): every rank collects its own
+            rows, cached under a key naming its rank and the number of processes; None: whole feature sets.
     """
 
     def __init__(self, runner: ExtractionRunner, cache: FeatureCache, max_sizes: dict[str, int | None], seed: int,
-                 precision: str, feature_dtype: str):
-        self.runner, self.cache = runner, cache
+                 precision: str, feature_dtype: str, comm=None):
+        self.runner, self.cache, self.comm = runner, cache, comm
         self.max_sizes, self.seed = max_sizes, seed
         self.precision, self.feature_dtype = precision, feature_dtype
         self.log: list[dict[str, Any]] = []
@@ -240,7 +289,8 @@ class FeatureCollector:
     def key(self, backbone_key: dict, dataset_key: dict, datamodule, dataset: Dataset, split: str,
             layer: str) -> dict[str, Any]:
         transform = datamodule.eval_transform()
-        return {
+        shard = {} if self.comm is None else {"shard": {"rank": self.comm.rank, "of": self.comm.world_size}}
+        return {**shard,
             "backbone": backbone_key, "dataset": dataset_key, "split": split, "layer": layer,
             "subset": {"max_size": self.max_sizes.get(split), "seed": self.seed, "n": len(dataset)},
             "source": source_fingerprint(dataset),
@@ -256,11 +306,17 @@ class FeatureCollector:
         keys = {layer: self.key(backbone_key, dataset_key, datamodule, dataset, split, layer) for layer in layers}
         start = time.perf_counter()
         cached = {layer: self.cache.load(key) for layer, key in keys.items()}
-        # Ranks > 0 follow rank 0 (their own features are never used: metrics are computed on rank 0).
-        complete = rank_zero_decides(all(value is not None for value in cached.values()))
+        complete = all(value is not None for value in cached.values())
+        if self.comm is not None:  # sharded: every rank needs its own rows, so all extract unless all have them
+            complete = bool(self.comm.all_reduce(torch.tensor([float(not complete)]))[0] == 0)
+        else:  # ranks > 0 follow rank 0 (their own features are never used: metrics are computed on rank 0)
+            complete = rank_zero_decides(complete)
         what = f"{backbone_key['id']} | {dataset_key['label']} | {split}"
         if complete:
-            features, source = cached, "cache"
+            # safetensors returns a file's tensors in no fixed order; a sharded run's collectives walk the fields
+            # in dict order on every rank, so every entry gets extraction's order.
+            features, source = {layer: {name: value[name] for name in (*FIELDS, *sorted(set(value) - set(FIELDS)))
+                                        if name in value} for layer, value in cached.items()}, "cache"
         else:
             features, source = self.runner(backbone, dataset, datamodule.make_loader, blocks, what), \
                 "extracted"

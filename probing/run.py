@@ -116,11 +116,14 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
     config = {k: v for k, v in cfg.as_dict().items() if k != "config"}
     check_before_work(backbones, run_dir)
 
-    cache = FeatureCache(cfg.cache_dir, enabled=cfg.cache, rebuild=cfg.rebuild_cache, writable=is_rank_zero)
     runner = ExtractionRunner(cfg.accelerator, cfg.devices, cfg.strategy, cfg.num_nodes, cfg.precision,
-                              cfg.feature_dtype, cfg.progress)
+                              cfg.feature_dtype, cfg.progress, getattr(cfg, "shard_metrics", None))
+    # Sharded (several processes, --shard_metrics not false): every rank extracts, caches and keeps its own rows.
+    comm = runner.start_processes() if runner.sharded else None
+    cache = FeatureCache(cfg.cache_dir, enabled=cfg.cache, rebuild=cfg.rebuild_cache,
+                         writable=is_rank_zero or comm is not None)
     max_sizes = {"train": cfg.max_bank_size, "val": cfg.max_query_size, "test": cfg.max_query_size}
-    collector = FeatureCollector(runner, cache, max_sizes, settings.seed, cfg.precision, cfg.feature_dtype)
+    collector = FeatureCollector(runner, cache, max_sizes, settings.seed, cfg.precision, cfg.feature_dtype, comm)
     # The whole train split is the bank unless validation queries are asked for (a dataset's own
     # init_args.val_fraction still wins, and --query_split auto then scores on its val split).
     common = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "seed": settings.seed,
@@ -149,13 +152,17 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
         backbone.cpu()
         del backbone
     extraction_seconds = time.time() - started
-    if not is_rank_zero:
+    if not is_rank_zero and comm is None:
         return {}
 
     per_query: dict = {}
-    rows, cka_section = evaluate(features, metrics, block_metrics, settings, cfg.cka_debiased, per_query)
-    shift_rows = evaluate(shifted, [m for m in metrics if m != "cka"], [], settings, cfg.cka_debiased)[0] \
-        if shifted else []
+    rows, cka_section = evaluate(features, metrics, block_metrics, settings, cfg.cka_debiased, per_query, comm)
+    shift_rows = evaluate(shifted, [m for m in metrics if m != "cka"], [], settings, cfg.cka_debiased,
+                          comm=comm)[0] if shifted else []
+    if comm is not None:  # what follows (similarities, comparisons, maps) reads the queries whole, on rank 0
+        features = whole_queries(comm, features, keep_bank={label for pair in pairs for label in pair})
+        if not is_rank_zero:
+            return {}
     if cfg.similarities:
         from probing.evaluate import similarity_matrices
 
@@ -193,6 +200,18 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
                   plot_paths, [b.id for b in backbones], extraction_seconds, started)
 
 
+
+
+def whole_queries(comm, features: dict[str, dict[str, dict]], keep_bank: set[str]) -> dict[str, dict[str, dict]]:
+    """A sharded run's ``features`` with every split but the bank gathered whole on every process (queries and
+    novel sub-classes are small); the bank (``train``) is dropped, except for the datasets in ``keep_bank``
+    (``--synthetic_vs_real`` pools every split of its small datasets)."""
+    from geometry.comm import gather_feature_set
+
+    return {backbone: {dataset: {split: {layer: gather_feature_set(comm, values) for layer, values in layers.items()}
+                                 for split, layers in splits.items() if split != "train" or dataset in keep_bank}
+                       for dataset, splits in per_dataset.items()}
+            for backbone, per_dataset in features.items()}
 
 
 def check_before_work(backbones, run_dir: Path) -> None:

@@ -1,4 +1,5 @@
-"""``--devices 2 --strategy ddp`` on CPU (gloo) extracts exactly the one-process features and numbers.
+"""``--devices 2 --strategy ddp --shard_metrics false`` on CPU (gloo) extracts exactly the one-process features and
+numbers.
 
 The split sizes are odd, so DistributedSampler pads a duplicate sample into one rank's shard; the
 index-based gather must drop it.
@@ -38,7 +39,8 @@ def entries(cache_dir: Path) -> dict:
 def test_two_process_ddp_equals_one_process(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(ROOT / "probe.py"), *ARGS, "--name", "ddp", "--runs_dir", str(tmp_path / "runs"),
-               "--cache_dir", str(tmp_path / "ddp-cache"), "--devices", "2", "--strategy", "ddp"]
+               "--cache_dir", str(tmp_path / "ddp-cache"), "--devices", "2", "--strategy", "ddp",
+               "--shard_metrics", "false"]  # gathered features: whole cache entries (test_probe_sharded: the default)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     single = probe.main([*ARGS, "--name", "one", "--runs_dir", str(tmp_path / "runs"),
