@@ -9,6 +9,7 @@ import gzip
 import json
 import pickle
 import struct
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -59,9 +60,11 @@ def one_torch_thread():
 
 
 def tiny_trainer(**kwargs) -> L.Trainer:
-    """A quiet CPU Trainer without logger, checkpoints or validation (unless ``kwargs`` say otherwise)."""
+    """A quiet CPU Trainer without logger, checkpoints or validation (unless ``kwargs`` say otherwise), whose
+    files (callbacks' plots) go to a fresh temporary folder, never into the working tree."""
     options = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+                   enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                   default_root_dir=tempfile.mkdtemp(prefix="fmprobe-test-"))
     return L.Trainer(**{**options, **kwargs})
 
 
