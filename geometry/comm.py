@@ -127,7 +127,9 @@ def gather_cat(comm: Communicator, tensor: Tensor) -> Tensor:
 def gather_feature_set(comm: Communicator, features) -> dict:
     """A sharded feature set made whole on every process, rows sorted by sample ``index`` (the order
     ``features.extract.gather_by_index`` gives one process); for metrics that need every sample."""
-    whole = {name: gather_cat(comm, value) for name, value in features.items()}
+    # fields in sorted order: every process must issue the same collectives in the same order, whatever order
+    # its dict was built in (a cache file's fields come back in any order)
+    whole = {name: gather_cat(comm, features[name]) for name in sorted(features)}
     if "index" in whole and len(whole["index"]):
         order = whole["index"].argsort(stable=True)
         whole = {name: value[order] for name, value in whole.items()}

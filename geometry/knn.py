@@ -14,7 +14,9 @@ Weights are computed relative to the nearest neighbour (``exp((s_j - s_1) / T)``
 factor that leaves every vote ranking unchanged but keeps Euclidean weights from underflowing to zero.
 Class-vote ties go to the smallest label (top-t lists rank only classes that received a vote, so they do
 not depend on label values beyond such ties); ties between equidistant bank samples at the k-th place are
-resolved by ``torch.topk`` (deterministic for a given input and device, but unspecified).
+ordered by bank position, nearest first and then the earlier bank row: a total order, the rule of the sharded kNN
+(``geometry.knn_sharded``, by sample key), so both give the same neighbours when the bank is sorted by sample
+index (as GeometryEval's, ContinualEval's and probe.py's banks are).
 
 The same retrieval also gives normalised per-class vote scores (``knn_class_scores``, for AUC), per-label
 weighted vote fractions for multi-label data (``knn_multilabel_scores``), and DINOv2's low-shot kNN on n
@@ -76,9 +78,28 @@ def _neighbours(bank, queries, max_k, temperature, distance, chunk_size):
         else:
             # Ranking by 2 q.b - |b|^2 is ranking by -|q - b|^2; |q|^2 is added back only for the k kept.
             scores = torch.addmm(bank_sq.neg().unsqueeze(0), q, bank_t, alpha=2.0)
-        top_scores, top_index = scores.topk(max_k, dim=1, largest=True, sorted=True)
+        top_scores, top_index = ordered_topk(scores, max_k)
         del scores
         yield start, top_index, vote_weights(top_scores.double(), q, distance, temperature)
+
+
+def ordered_topk(scores: Tensor, k: int, keys: Tensor | None = None,
+                 key_order: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Top-k of each row of ``scores`` (chunk, n) ordered by (score desc, key asc): a total order, unlike
+    ``torch.topk`` among equal scores. ``keys``: each column's key (default: its position); ``key_order`` =
+    ``keys.argsort()``."""
+    values, index = scores.topk(k, dim=1, largest=True, sorted=True)
+    ambiguous = ((scores >= values[:, -1:]).sum(dim=1) > k).nonzero().flatten()
+    if len(ambiguous):  # ties cross the k-th place: a stable full sort of those rows in key order decides
+        rows = scores[ambiguous] if key_order is None else scores[ambiguous][:, key_order]
+        by_key = rows.sort(dim=1, descending=True, stable=True)
+        kept = by_key.indices[:, :k]
+        values[ambiguous] = by_key.values[:, :k]
+        index[ambiguous] = kept if key_order is None else key_order[kept]
+    order = (index if keys is None else keys[index]).argsort(dim=1, stable=True)
+    values, index = values.gather(1, order), index.gather(1, order)
+    order = values.argsort(dim=1, descending=True, stable=True)
+    return values.gather(1, order), index.gather(1, order)
 
 
 def vote_weights(top_scores: Tensor, queries: Tensor, distance: str, temperature: float | None) -> Tensor:

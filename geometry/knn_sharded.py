@@ -4,9 +4,8 @@ Per query chunk every process scores the queries against its shard and keeps its
 (similarity, global key, class); one all-gather brings them together and the merge keeps the global
 top-``max(ks)``. Neighbours are ordered by (similarity desc, key asc) in every process and in the merge: a total
 order, so the result is the same on any number of processes. With the sample index as key it is the
-one-process result on the bank sorted by index (``geometry.knn``, whose ``torch.topk`` leaves the order of
-neighbours at exactly equal similarity unspecified: only there can the two differ). The vote, weights and
-class-tie rule are ``geometry.knn``'s.
+one-process result on the bank sorted by index (``geometry.knn`` orders equal similarities by bank position with
+the same ``ordered_topk``). The vote, weights and class-tie rule are ``geometry.knn``'s.
 
 Memory per process: its bank shard, one (chunk, shard) score block (chunks are sized for the whole bank, so
 the block is 1 / processes of one process's) and the (chunk, processes x max_k) merge.
@@ -17,25 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
 
 from geometry.comm import as_shard, shard_offset
 from geometry.common import as_features, as_labels, check_distance, rows_per_chunk, squared_norms, unit_rows
-from geometry.knn import DEFAULT_KS, _check_topk, _hits, _rank, _votes, vote_weights
-
-
-def _ordered_topk(scores: Tensor, keys: Tensor, k: int, key_order: Tensor) -> tuple[Tensor, Tensor]:
-    """Top-k of each row of ``scores`` (chunk, n) ordered by (score desc, key asc): a total order, unlike
-    ``torch.topk`` among equal scores. ``key_order`` = ``keys.argsort()``."""
-    values, index = scores.topk(k, dim=1, largest=True, sorted=True)
-    ambiguous = ((scores >= values[:, -1:]).sum(dim=1) > k).nonzero().flatten()
-    if len(ambiguous):  # ties cross the k-th place: a stable full sort of those rows in key order decides
-        by_key = scores[ambiguous][:, key_order].sort(dim=1, descending=True, stable=True)
-        values[ambiguous], index[ambiguous] = by_key.values[:, :k], key_order[by_key.indices[:, :k]]
-    order = keys[index].argsort(dim=1, stable=True)
-    values, index = values.gather(1, order), index.gather(1, order)
-    order = values.argsort(dim=1, descending=True, stable=True)
-    return values.gather(1, order), index.gather(1, order)
+from geometry.knn import DEFAULT_KS, _check_topk, _hits, _rank, _votes, ordered_topk, vote_weights
 
 
 def sharded_knn_neighbours(bank, bank_class, bank_keys, queries, max_k: int, temperature: float | None,
@@ -63,7 +47,7 @@ def sharded_knn_neighbours(bank, bank_class, bank_keys, queries, max_k: int, tem
                 scores = unit_rows(q) @ bank.T
             else:
                 scores = torch.addmm(bank_sq.neg().unsqueeze(0), q, bank.T, alpha=2.0)
-            values, index = _ordered_topk(scores, bank_keys, k_local, key_order)
+            values, index = ordered_topk(scores, k_local, bank_keys, key_order)
             del scores
             local[:, :k_local] = torch.stack([values.double(), bank_keys[index].double(),
                                               bank_class[index].double()], dim=2)
@@ -82,8 +66,7 @@ def sharded_knn_hits_and_predictions(bank, bank_labels, bank_keys, queries, quer
     ``{k: (Q,)}`` with the bank sharded over ``comm``'s processes (see ``sharded_knn_neighbours``).
 
     Every process passes the same queries and gets the same results. They equal one process on the whole bank
-    (``bank_keys`` = sample indices: the bank sorted by index) except among neighbours at exactly equal
-    distance, which here rank by key and there as ``torch.topk`` leaves them.
+    (``bank_keys`` = sample indices: the bank sorted by index), ties between equally near neighbours included.
     """
     check_distance(distance)
     bank = as_shard(bank, "bank")

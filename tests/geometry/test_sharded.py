@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from geometry.cka import MinibatchCKA, linear_cka
 from geometry.comm import LocalComm, TorchDistComm, gather_cat, own_rows, rows_by_global_index, shard_offset
 from geometry.kmeans import adjusted_rand_index, kmeans, normalized_mutual_info
+from geometry.knn import knn_predict, ordered_topk
 from geometry.knn_sharded import sharded_knn_hits_and_predictions
 from geometry.linear_probe import linear_probe, stratified_holdout
 from geometry.linear_probe_sharded import index_holdout, sharded_linear_probe
@@ -308,6 +309,36 @@ def test_sharded_knn_equals_one_process_with_ties_by_sample_index(sharded_result
         for world in WORLD_SIZES:
             for hits, predictions in (r["knn"]["one_holder"] for r in sharded_results[world]):
                 assert torch.equal(predictions[k], expected) and torch.equal(hits[3][k], true_rank <= 3)
+
+
+def test_one_process_knn_orders_equal_neighbours_by_bank_position_like_the_sharded_rule():
+    """geometry.knn on the bank sorted by index uses the sharded kNN's tie rule, so exact duplicates with other
+    labels (rows 50-59) give the written-out reference's predictions; torch.topk alone leaves their order open."""
+    bank, query = tied_bank(), blobs(37, classes=7, seed=4, spread=1.0)
+    # and a bank of 6 points, each 16 times with labels 0..6 in turn: the k nearest are copies of one point
+    copies = blobs(6, classes=7, seed=8, spread=1.0)["embedding"].repeat_interleave(16, dim=0)
+    crowded = {"embedding": copies, "label": torch.arange(96) % 7, "index": torch.arange(96)}
+    for k in (1, 4, 9, 30):
+        got = knn_predict(crowded["embedding"], crowded["label"], query["embedding"], [k], chunk_size=10)[k]
+        assert torch.equal(got, reference_knn(crowded, query, k, 0.07, "cosine")[0]), k
+    for distance, temperature in (("cosine", 0.07), ("euclidean", 1.0), ("cosine", None)):
+        got = knn_predict(bank["embedding"], bank["label"], query["embedding"], KNN_KS, temperature, distance,
+                          chunk_size=10)
+        for k in KNN_KS:
+            assert torch.equal(got[k], reference_knn(bank, query, k, temperature, distance)[0]), (distance, k)
+
+
+def test_ordered_topk_is_a_stable_sort_by_score_then_key():
+    scores = torch.randint(0, 5, (8, 300), generator=torch.Generator().manual_seed(0)).float()
+    keys = torch.randperm(300, generator=torch.Generator().manual_seed(1))
+    for k in (1, 7, 40, 300):
+        values, index = ordered_topk(scores, k)
+        by_position = scores.sort(dim=1, descending=True, stable=True)
+        assert torch.equal(index, by_position.indices[:, :k]) and torch.equal(values, by_position.values[:, :k])
+        values, index = ordered_topk(scores, k, keys, keys.argsort())
+        order = keys.argsort()
+        by_key = scores[:, order].sort(dim=1, descending=True, stable=True)
+        assert torch.equal(index, order[by_key.indices[:, :k]]), k
 
 
 @pytest.mark.slow
