@@ -88,9 +88,11 @@ def ordered_topk(scores: Tensor, k: int, keys: Tensor | None = None,
     """Top-k of each row of ``scores`` (chunk, n) ordered by (score desc, key asc): a total order, unlike
     ``torch.topk`` among equal scores. ``keys``: each column's key (default: its position); ``key_order`` =
     ``keys.argsort()``."""
-    values, index = scores.topk(k, dim=1, largest=True, sorted=True)
-    ambiguous = ((scores >= values[:, -1:]).sum(dim=1) > k).nonzero().flatten()
-    if len(ambiguous):  # ties cross the k-th place: a stable full sort of those rows in key order decides
+    values, index = scores.topk(min(k + 1, scores.shape[1]), dim=1, largest=True, sorted=True)
+    # ties cross the k-th place exactly where the (k+1)-th score equals the k-th (no extra pass over the scores)
+    ambiguous = (values[:, k] == values[:, k - 1]).nonzero().flatten() if values.shape[1] > k else values[:0, 0]
+    values, index = values[:, :k].contiguous(), index[:, :k].contiguous()
+    if len(ambiguous):  # a stable full sort of those rows in key order decides
         rows = scores[ambiguous] if key_order is None else scores[ambiguous][:, key_order]
         by_key = rows.sort(dim=1, descending=True, stable=True)
         kept = by_key.indices[:, :k]
