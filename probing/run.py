@@ -63,17 +63,18 @@ def shifted_features(collector, backbone, backbone_key: dict, dataset_key: dict,
     corruption is part of the key) and with the query split's size cap; novel sub-classes are not corrupted and
     not used here.
     """
-    from datamodules.corruptions import CorruptedDataset, shift_name
+    from datamodules.corruptions import RECIPE_VERSION, CorruptedDataset, shift_name
     from probing.extract import FINAL_LAYER
 
     split, query = splits["query"]
+    shifted_key = {**dataset_key, "corruption_recipe": RECIPE_VERSION}  # a changed recipe misses the cache
     out = {}
     for corruption, severity in shifts:
         name = f"{split}+{shift_name(corruption, severity)}"
         collector.max_sizes.setdefault(name, collector.max_sizes.get(split))
         corrupted = CorruptedDataset(query, corruption, severity, backbone.preprocessing.mean,
                                      backbone.preprocessing.std)
-        features = collector.collect(backbone, backbone_key, dataset_key, datamodule, name, corrupted, [])
+        features = collector.collect(backbone, backbone_key, shifted_key, datamodule, name, corrupted, [])
         out[f"{label}+{shift_name(corruption, severity)}"] = {"train": {FINAL_LAYER: clean["train"][FINAL_LAYER]},
                                                               "query": features}
     return out

@@ -1,5 +1,6 @@
 """ImageNet-C corruptions: each against an independent reference (scipy, PIL, colorsys, the published formula),
-severity ordering, per-sample determinism, parse_shifts errors and the un-normalise / re-normalise wrapper."""
+the parameter table per image size, severity ordering, per-sample determinism with one random field shared by
+the severities, parse_shifts errors and the un-normalise / re-normalise wrapper."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from PIL import Image
 
 from datamodules.corruptions import (
     CORRUPTIONS,
-    SEVERITY_PARAMETERS,
+    PARAMETER_TABLES,
     CorruptedDataset,
     corrupt,
     parse_shifts,
     sample_generator,
+    severity_parameter,
+    table_side,
 )
 
 
@@ -44,8 +47,8 @@ def test_parse_shifts_lists_ranges_and_errors():
 
 
 def test_contrast_is_the_published_formula():
-    x = smooth_image()
-    for severity, factor in enumerate(SEVERITY_PARAMETERS["contrast"], 1):
+    x = smooth_image()  # 32 px: CIFAR-10-C's factors
+    for severity, factor in enumerate((0.75, 0.5, 0.4, 0.3, 0.15), 1):
         a = x.numpy()
         means = a.mean(axis=(1, 2), keepdims=True)
         expected = np.clip((a - means) * factor + means, 0, 1)
@@ -59,7 +62,7 @@ def test_brightness_matches_colorsys_hsv():
     for i in range(6):
         for j in range(6):
             h, s, v = colorsys.rgb_to_hsv(*x[:, i, j].tolist())
-            expected = colorsys.hsv_to_rgb(h, s, min(v + 0.3, 1.0))
+            expected = colorsys.hsv_to_rgb(h, s, min(v + 0.15, 1.0))  # 6 px: CIFAR-10-C's shift at severity 3
             np.testing.assert_allclose(out[:, i, j], expected, atol=1e-5)
 
 
@@ -68,33 +71,70 @@ def test_gaussian_blur_matches_scipy_at_the_reference_size():
 
     x = smooth_image(224)
     for severity in (1, 3):
-        sigma = SEVERITY_PARAMETERS["gaussian_blur"][severity - 1]
+        sigma = (1, 2, 3, 4, 6)[severity - 1]  # ImageNet-C's sigma in pixels at 224 px
         expected = np.stack([gaussian_filter(c, sigma, mode="nearest", truncate=4.0) for c in x.numpy()])
         np.testing.assert_allclose(corrupt(x, "gaussian_blur", severity).numpy(), expected, atol=1e-5)
 
 
 def test_pixelate_matches_pil_box_resizing():
-    x = smooth_image(40)
-    factor = SEVERITY_PARAMETERS["pixelate"][1]  # 0.5: 20 px
+    x = smooth_image(80)  # the 64 px table: factor 0.8 at severity 2, so 64 px and back
     expected = []
     for channel in x.numpy():
         image = Image.fromarray(channel.astype(np.float32), mode="F")
-        small = image.resize((20, 20), Image.BOX)
-        expected.append(np.asarray(small.resize((40, 40), Image.BOX)))
-    assert int(40 * factor) == 20
+        small = image.resize((64, 64), Image.BOX)
+        expected.append(np.asarray(small.resize((80, 80), Image.BOX)))
     np.testing.assert_allclose(corrupt(x, "pixelate", 2).numpy(), np.stack(expected), atol=1e-5)
 
 
+def test_parameter_table_follows_the_image_side():
+    assert [table_side(s) for s in (16, 32, 45, 46, 64, 119, 120, 224, 518)] == [32, 32, 32, 64, 64, 64, 224, 224, 224]
+    assert severity_parameter("gaussian_noise", 1, 224) == 0.08 and severity_parameter("gaussian_noise", 1, 64) == 0.04
+    assert severity_parameter("pixelate", 5, 64) == 0.5 and severity_parameter("jpeg", 1, 32) == 80
+    assert severity_parameter("gaussian_blur", 5, 96) == pytest.approx(1.5 * 96 / 64)  # sigma scales with the side
+    assert severity_parameter("gaussian_blur", 5, 448) == pytest.approx(12)
+    assert all(len(table) == len(CORRUPTIONS) and all(len(v) == 5 for v in table.values())
+               for table in PARAMETER_TABLES.values())
+    x = torch.full((3, 224, 224), 0.5)  # the same severity is twice the noise of the 64 px table at 224 px
+    assert abs(float((corrupt(x, "gaussian_noise", 1, sample_generator(0, "gaussian_noise")) - x).std()) - 0.08) < 0.004
+
+
 def test_noise_statistics():
-    x = torch.full((3, 64, 64), 0.5)
-    noise = corrupt(x, "gaussian_noise", 1, sample_generator(0, "gaussian_noise", 1)) - x
+    x = torch.full((3, 64, 64), 0.5)  # the 64 px table
+    noise = corrupt(x, "gaussian_noise", 2, sample_generator(0, "gaussian_noise")) - x
     assert abs(noise.std().item() - 0.08) < 0.004 and abs(noise.mean().item()) < 0.004
-    impulse = corrupt(x, "impulse_noise", 4, sample_generator(0, "impulse_noise", 4))
+    impulse = corrupt(x, "impulse_noise", 5, sample_generator(0, "impulse_noise"))
     changed = impulse != 0.5
-    assert abs(changed.float().mean().item() - 0.17) < 0.01
+    assert abs(changed.float().mean().item() - 0.14) < 0.01
     assert set(impulse[changed].unique().tolist()) <= {0.0, 1.0}
-    shot = corrupt(x, "shot_noise", 2, sample_generator(0, "shot_noise", 2))  # Poisson(12.5) / 25
-    assert abs(shot.mean().item() - 0.5) < 0.01 and abs(shot.var().item() - 0.5 / 25) < 0.002
+    shot = corrupt(x, "shot_noise", 5, sample_generator(0, "shot_noise"))  # Poisson(7.5) / 15
+    assert abs(shot.mean().item() - 0.5) < 0.01 and abs(shot.var().item() - 0.5 / 15) < 0.003
+
+
+def test_poisson_quantile_matches_scipy():
+    from scipy.stats import poisson
+
+    from datamodules.corruptions import _poisson_quantile
+
+    generator = torch.Generator().manual_seed(3)
+    mean = torch.rand(1000, generator=generator, dtype=torch.float64) * 500
+    mean[:50] = 0  # black pixels stay black
+    u = torch.rand(1000, generator=generator, dtype=torch.float64)
+    np.testing.assert_array_equal(_poisson_quantile(mean, u).numpy(), poisson.ppf(u.numpy(), mean.numpy()))
+
+
+def test_severities_share_one_random_field():
+    x = torch.full((3, 64, 64), 0.5)
+    gaussian = [corrupt(x, "gaussian_noise", s, sample_generator(5, "gaussian_noise")) - x for s in (1, 2)]
+    inside = (gaussian[1].abs() < 0.49) & (gaussian[0].abs() < 0.49)  # where neither was clipped
+    torch.testing.assert_close(gaussian[1][inside], gaussian[0][inside] * 2, atol=1e-6, rtol=0)  # sigma .04 -> .08
+    hits = [corrupt(x, "impulse_noise", s, sample_generator(5, "impulse_noise")) for s in range(1, 6)]
+    for mild, severe in zip(hits, hits[1:]):
+        hit = mild != 0.5
+        assert bool((severe[hit] == mild[hit]).all()) and int((severe != 0.5).sum()) > int(hit.sum())
+    shots = [corrupt(x, "shot_noise", s, sample_generator(5, "shot_noise")) - x for s in (1, 5)]
+    assert float(torch.corrcoef(torch.stack([shots[0].flatten(), shots[1].flatten()]))[0, 1]) > 0.9
+    other = corrupt(x, "gaussian_noise", 1, sample_generator(6, "gaussian_noise")) - x
+    assert float(torch.corrcoef(torch.stack([other.flatten(), gaussian[0].flatten()]))[0, 1]) < 0.05
 
 
 def test_jpeg_is_a_pil_round_trip():
@@ -103,20 +143,20 @@ def test_jpeg_is_a_pil_round_trip():
     import io
 
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=15)
+    Image.fromarray(array).save(buffer, format="JPEG", quality=58)  # severity 3 at 32 px (CIFAR-10-C)
     expected = np.asarray(Image.open(buffer)).transpose(2, 0, 1) / 255
     np.testing.assert_allclose(corrupt(x, "jpeg", 3).numpy(), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("corruption", CORRUPTIONS)
 def test_damage_grows_with_severity(corruption):
-    # Smooth images only: pixelate's error is not monotone on structure of a 2-4 px period (factor 0.5 of
-    # severity 2 aligns with a 2 px grid and loses less than 0.6 of severity 1), a property of ImageNet-C's recipe.
+    # Smooth images only: pixelate's error is not monotone on structure of a 2-4 px period (factor 0.5 aligns
+    # with a 2 px grid and loses less than the milder 0.6), a property of ImageNet-C's recipe.
     x = smooth_image(64)
-    errors = [float(((corrupt(x, corruption, s, sample_generator(7, corruption, s)) - x) ** 2).mean())
+    errors = [float(((corrupt(x, corruption, s, sample_generator(7, corruption)) - x) ** 2).mean())
               for s in range(1, 6)]
     assert all(a < b for a, b in zip(errors, errors[1:])), errors
-    out = corrupt(x, corruption, 5, sample_generator(7, corruption, 5))
+    out = corrupt(x, corruption, 5, sample_generator(7, corruption))
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
 
 
@@ -138,7 +178,7 @@ def test_corrupted_dataset_unnormalises_and_is_deterministic_per_sample():
     shifted = CorruptedDataset(data, "gaussian_noise", 2, mean, std)
     sample = shifted[1]
     raw = sample["image"] * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
-    expected = corrupt(images[1], "gaussian_noise", 2, sample_generator(1, "gaussian_noise", 2))
+    expected = corrupt(images[1], "gaussian_noise", 2, sample_generator(1, "gaussian_noise"))
     torch.testing.assert_close(raw, expected, atol=1e-5, rtol=0)
     assert sample["label"] == 1 and sample["index"] == 1
     torch.testing.assert_close(shifted[1]["image"], sample["image"], rtol=0, atol=0)  # the same every time
