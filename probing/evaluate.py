@@ -13,6 +13,8 @@ all-reduces its d x d sums).
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,20 +41,25 @@ def check_metrics(metrics: list[str], what: str = "metrics") -> list[str]:
 
 
 def layer_metrics(splits: dict[str, dict[str, dict]], layer: str, metrics: list[str], settings: MetricSettings,
-                  where: str = "", per_query: dict | None = None, comm=None) -> dict[str, float]:
+                  where: str = "", per_query: dict | None = None, comm=None,
+                  seconds: dict[str, float] | None = None) -> dict[str, float]:
     """Suite metrics of one layer: bank = the train split, queries = the query split, novel if extracted.
 
     One call per metric, so a metric the data cannot support (e.g. 10-shot episodes with 12 samples per
-    class) is skipped with a warning naming it instead of losing the others.
+    class) is skipped with a warning naming it instead of losing the others. ``seconds`` (a dict), when given,
+    receives each metric's wall time.
     """
     novel = splits["novel"][layer] if "novel" in splits else None
     out: dict[str, float] = {}
     for metric in (m for m in metrics if m not in PROBE_ONLY_METRICS):
+        started = time.perf_counter()
         try:
             out.update(evaluate_features(splits["train"][layer], splits["query"][layer], [metric], settings,
                                          novel=novel, per_query=per_query, comm=comm))
         except ValueError as error:
             log.warning("%s skipped on %s, layer %s: %s", metric, where, layer, error)
+        if seconds is not None:
+            seconds[metric] = time.perf_counter() - started
     return out
 
 
@@ -81,11 +88,13 @@ def cka_matrix(features: list[torch.Tensor], debiased: bool, comm=None) -> list[
 
 def evaluate(features: dict[str, dict[str, dict]], metrics: list[str], block_metrics: list[str],
              settings: MetricSettings, cka_debiased: bool,
-             per_query: dict | None = None, comm=None) -> tuple[list[dict], dict[str, Any]]:
+             per_query: dict | None = None, comm=None,
+             progress: Callable[[str], None] | None = None) -> tuple[list[dict], dict[str, Any]]:
     """All rows and the CKA matrices from ``features[backbone][dataset][split][layer]`` (feature dicts).
 
     ``per_query`` (a dict), when given, receives ``{(backbone, dataset): {metric: PerQuery}}`` of the final
-    embedding, for :func:`paired_comparisons`.
+    embedding, for :func:`paired_comparisons`. ``progress`` receives one line per layer: what ran and the seconds
+    of each metric (probe.py prints them, so a long evaluation is never silent).
 
     k-means uses as many clusters as the query split has classes (not the dataset's ``num_classes``, which
     counts the held-out novel sub-classes of the synthetic data too).
@@ -99,8 +108,12 @@ def evaluate(features: dict[str, dict[str, dict]], metrics: list[str], block_met
                 wanted = metrics if layer == FINAL_LAYER else block_metrics
                 keep = per_query.setdefault((backbone, dataset), {}) \
                     if per_query is not None and layer == FINAL_LAYER else None
+                seconds: dict[str, float] = {}
                 values = layer_metrics(splits, layer, wanted, settings, where=f"{backbone} / {dataset}",
-                                       per_query=keep, comm=comm)
+                                       per_query=keep, comm=comm, seconds=seconds)
+                if progress is not None:
+                    spent = ", ".join(f"{name} {value:.1f}s" for name, value in seconds.items())
+                    progress(f"{backbone} | {dataset} | {layer}  metrics in {sum(seconds.values()):.1f}s: {spent}")
                 rows += [row(backbone, dataset, layer, name, value) for name, value in values.items()]
             if "cka" in block_metrics and len(layers) > 1:
                 matrix = cka_matrix([splits["query"][layer]["embedding"] for layer in layers], cka_debiased, comm)

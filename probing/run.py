@@ -14,6 +14,11 @@ from typing import Any
 from geometry.suite import MetricSettings
 
 
+def metric_progress(line: str) -> None:
+    """One line per evaluated layer on stderr, beside the extraction's progress lines."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def resolve_blocks(layers: str | list[int], num_layers: int, backbone: str) -> list[int]:
     """Block indices wanted besides the final embedding."""
     if layers == "final":
@@ -157,9 +162,11 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
         return {}
 
     per_query: dict = {}
-    rows, cka_section = evaluate(features, metrics, block_metrics, settings, cfg.cka_debiased, per_query, comm)
+    progress = metric_progress if cfg.progress and is_rank_zero else None
+    rows, cka_section = evaluate(features, metrics, block_metrics, settings, cfg.cka_debiased, per_query, comm,
+                                 progress)
     shift_rows = evaluate(shifted, [m for m in metrics if m != "cka"], [], settings, cfg.cka_debiased,
-                          comm=comm)[0] if shifted else []
+                          comm=comm, progress=progress)[0] if shifted else []
     if comm is not None:  # what follows (similarities, comparisons, maps) reads the queries whole, on rank 0
         features = whole_queries(comm, features, keep_bank={label for pair in pairs for label in pair})
         if not is_rank_zero:

@@ -208,3 +208,15 @@ def test_second_run_reuses_the_cache_and_corruption_is_rebuilt(first_run):
     final = probe.main(_cheap(root))
     assert final["extraction_calls"] == 0 and "corrupt" not in final["cache"]
     _assert_same_numbers(read_csv(final["results_csv"]), first)
+
+
+def test_progress_prints_one_line_per_evaluated_layer_with_each_metrics_seconds(first_run, capfd):
+    root, _ = first_run
+    probe.main(probe_args(root / "runs-progress", root / "cache", "--progress", "--no_plots"))
+    lines = [line for line in capfd.readouterr().err.splitlines() if "  metrics in " in line]
+    final = [line for line in lines if line.startswith("convnext-tiny@tiny | digits | final  metrics in ")]
+    assert len(final) == 1, lines
+    for metric in ("knn", "kmeans", "linear", "fewshot", "hierarchy"):
+        assert f" {metric} " in final[0].split(":", 1)[1] + " ", final[0]
+    blocks = [line for line in lines if line.startswith("convnext-tiny@tiny | digits | block")]
+    assert blocks and all("linear" not in line.split(":", 1)[1] for line in blocks)  # not a block metric
