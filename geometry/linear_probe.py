@@ -116,28 +116,35 @@ def fit_logistic(x, y, l2: float | Sequence[float], max_iter: int = 500, tol: fl
 
     work = (n if n_total is None else n_total) * d * c
     if init is None and g > 1 and x.device.type == "cpu" and work >= _PATH_MIN_WORK:
-        params, iterations = _regularisation_path(evaluate, params, l2_values, max_iter, tol, history_size)
+        params, iterations = _regularisation_path(evaluate, params, l2_values, c, max_iter, tol, history_size)
     else:
-        params, iterations = batched_lbfgs(evaluate, params, l2_values, max_iter, tol, history_size,
-                                           extrapolate_first=init is None)
+        params, iterations, _, _ = batched_lbfgs(evaluate, params, l2_values, max_iter, tol, history_size,
+                                                 extrapolate_first=init is None)
     return LogisticHeads(params[:, : d * c].reshape(g, d, c), params[:, d * c :], l2_values, classes, iterations)
 
 
-def _regularisation_path(evaluate, params: Tensor, l2_values: Tensor, max_iter: int, tol: float,
+def _regularisation_path(evaluate, params: Tensor, l2_values: Tensor, n_classes: int, max_iter: int, tol: float,
                          history_size: int) -> tuple[Tensor, Tensor]:
     """One head at a time from the largest l2 down, each warm-started from the previous head's solution.
 
     Strongly regularised heads converge in a few steps, and each solution is close to the next one's, so the
-    whole grid costs fewer evaluations than stacked heads (whose weak-l2 heads start from zero). Carrying the
+    whole grid costs fewer evaluations than stacked heads (whose weak-l2 heads start from zero); a head's first
+    loss and gradient are its predecessor's last ones with the penalty changed (63 -> 56 evaluations). Carrying the
     L-BFGS curvature pairs along the path (their penalty part corrected exactly) was measured and dropped:
     76 evaluations instead of 63 on the bench sweep.
     """
     iterations = torch.zeros(len(l2_values), dtype=torch.long, device=params.device)
-    point = params[:1]
+    point, start, previous = params[:1], None, None
     for rank, head in enumerate(sorted(range(len(l2_values)), key=lambda i: (-float(l2_values[i]), i))):
-        point, its = batched_lbfgs(evaluate, point, l2_values[head : head + 1], max_iter, tol, history_size,
-                                   extrapolate_first=rank == 0)
-        params[head], iterations[head] = point[0], its[0]
+        l2 = l2_values[head : head + 1]
+        if start is not None:  # only the penalty changed: the new loss and gradient at the old solution, exactly
+            weight = point[:, : point.shape[1] - n_classes]
+            change = l2 - previous
+            start[0].add_(0.5 * change.double() * weight.pow(2).sum(dim=1, dtype=torch.float64))
+            start[1][:, : weight.shape[1]].add_(weight * change.unsqueeze(1))
+        point, its, *start = batched_lbfgs(evaluate, point, l2, max_iter, tol, history_size,
+                                           extrapolate_first=rank == 0, start=start)
+        params[head], iterations[head], previous = point[0], its[0], l2
     return params, iterations
 
 
