@@ -57,6 +57,46 @@ def test_stacked_heads_equal_separate_fits(split):
 
 
 @pytest.mark.slow
+def test_regularisation_path_equals_stacked_heads(split, monkeypatch):
+    """A large CPU sweep runs as a warm-started path, one head per evaluation; it reaches the stacked heads'
+    optimum for every l2 (listed out of order: the path sorts them and puts each head back in its row)."""
+    import geometry.linear_probe as probe
+
+    x = torch.from_numpy(standardize(split[0], split[0])[0])
+    y = torch.from_numpy(split[1])
+    grid = [1e-2, 1.0, 1e-4]
+    stacked = fit_logistic(x, y, grid, tol=1e-7, max_iter=2000)
+    evaluated = []
+
+    def recording(x, target, points, *args):
+        evaluated.append(points.shape[0])
+        return probe_loss_and_grad(x, target, points, *args)
+
+    probe_loss_and_grad = probe.loss_and_grad
+    monkeypatch.setattr(probe, "_PATH_MIN_WORK", 0)
+    monkeypatch.setattr(probe, "loss_and_grad", recording)
+    path = fit_logistic(x, y, grid, tol=1e-7, max_iter=2000)
+    assert set(evaluated) == {1}  # one head at a time: the path ran
+    for g in range(len(grid)):
+        torch.testing.assert_close(path.logits(x)[g], stacked.logits(x)[g], atol=2e-3, rtol=1e-4)
+
+
+def test_changed_penalty_start_is_an_exact_evaluation():
+    """The path's free start: the loss and gradient at l2_b from those at l2_a, plus the penalty's change."""
+    from geometry.logistic_lbfgs import loss_and_grad
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 7, generator=gen, dtype=torch.float64), torch.arange(300) % 4
+    params = torch.randn(1, 7 * 4 + 4, generator=gen, dtype=torch.float64)
+    loss_a, grad_a = loss_and_grad(x, y, params, torch.tensor([0.3], dtype=torch.float64), 4, 64)
+    loss_b, grad_b = loss_and_grad(x, y, params, torch.tensor([0.01], dtype=torch.float64), 4, 64)
+    weight = params[:, : 7 * 4]
+    torch.testing.assert_close(loss_a + 0.5 * (0.01 - 0.3) * weight.pow(2).sum(), loss_b)
+    grad_a[:, : 7 * 4] += (0.01 - 0.3) * weight
+    torch.testing.assert_close(grad_a, grad_b)
+
+
+@pytest.mark.slow
 def test_float32_sweep_probe_within_one_percent_of_sklearn(split):
     train_x, train_y, test_x, test_y = split
     tensors = [torch.from_numpy(a) for a in split]
