@@ -145,3 +145,18 @@ def test_argument_errors(split):
         fit_logistic(x, y, -1.0)
     with pytest.raises(ValueError, match="one label per sample"):
         linear_probe(x, y[:-1], x, y)
+
+
+def test_fit_restores_the_thread_count(split):
+    """The optimiser's bookkeeping runs on one thread, its evaluations on all: the caller's setting comes back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, y = torch.from_numpy(split[0][:200]), torch.from_numpy(split[1][:200])
+        fit_logistic(x, y, [0.1, 1.0], max_iter=5)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            fit_logistic(x, y, 0.1, classes=torch.tensor([0, 1]))  # fails before fitting: nothing to restore
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
