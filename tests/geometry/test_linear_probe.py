@@ -160,3 +160,17 @@ def test_fit_restores_the_thread_count(split):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_regularisation_path_with_a_communicator_equals_one_process(split, monkeypatch):
+    """The sharded probe sums losses and gradients through ``comm``; the path then takes the same steps."""
+    import geometry.linear_probe as probe
+    from geometry.comm import LocalComm
+
+    monkeypatch.setattr(probe, "_PATH_MIN_WORK", 0)
+    x = torch.from_numpy(standardize(split[0], split[0])[0][:400]).float()
+    y = torch.from_numpy(split[1][:400])
+    alone = fit_logistic(x, y, [1e-3, 1e-1], max_iter=50)
+    summed = fit_logistic(x, y, [1e-3, 1e-1], max_iter=50, comm=LocalComm())
+    assert torch.equal(alone.n_iter, summed.n_iter)
+    torch.testing.assert_close(summed.logits(x), alone.logits(x), atol=1e-4, rtol=1e-4)
