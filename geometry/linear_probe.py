@@ -46,7 +46,7 @@ from geometry.stats import BalancedAccuracy, PerQuery
 DEFAULT_L2_GRID = tuple(10.0**e for e in range(-7, 1))
 _LOGIT_CHUNK_ELEMENTS = 1 << 22
 # Above this many multiply-adds per evaluation (N x D x C) a CPU sweep runs as a regularisation path, below it as
-# stacked heads. Bench 50k x 768 x 100 (3.8e9): path 63 single-head evaluations vs ~98 head-evaluations stacked,
+# stacked heads. Bench 50k x 768 x 100 (3.8e9): path 56 single-head evaluations vs 91 head-iterations stacked,
 # at ~0.9x the cost each; GeometryEval-sized 1k x 1280 x 10 (1.3e7): the path was 2x slower (per-call overhead).
 _PATH_MIN_WORK = 1e8
 
