@@ -57,6 +57,46 @@ def test_stacked_heads_equal_separate_fits(split):
 
 
 @pytest.mark.slow
+def test_regularisation_path_equals_stacked_heads(split, monkeypatch):
+    """A large CPU sweep runs as a warm-started path, one head per evaluation; it reaches the stacked heads'
+    optimum for every l2 (listed out of order: the path sorts them and puts each head back in its row)."""
+    import geometry.linear_probe as probe
+
+    x = torch.from_numpy(standardize(split[0], split[0])[0])
+    y = torch.from_numpy(split[1])
+    grid = [1e-2, 1.0, 1e-4]
+    stacked = fit_logistic(x, y, grid, tol=1e-7, max_iter=2000)
+    evaluated = []
+
+    def recording(x, target, points, *args):
+        evaluated.append(points.shape[0])
+        return probe_loss_and_grad(x, target, points, *args)
+
+    probe_loss_and_grad = probe.loss_and_grad
+    monkeypatch.setattr(probe, "_PATH_MIN_WORK", 0)
+    monkeypatch.setattr(probe, "loss_and_grad", recording)
+    path = fit_logistic(x, y, grid, tol=1e-7, max_iter=2000)
+    assert set(evaluated) == {1}  # one head at a time: the path ran
+    for g in range(len(grid)):
+        torch.testing.assert_close(path.logits(x)[g], stacked.logits(x)[g], atol=2e-3, rtol=1e-4)
+
+
+def test_changed_penalty_start_is_an_exact_evaluation():
+    """The path's free start: the loss and gradient at l2_b from those at l2_a, plus the penalty's change."""
+    from geometry.logistic_lbfgs import loss_and_grad
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 7, generator=gen, dtype=torch.float64), torch.arange(300) % 4
+    params = torch.randn(1, 7 * 4 + 4, generator=gen, dtype=torch.float64)
+    loss_a, grad_a = loss_and_grad(x, y, params, torch.tensor([0.3], dtype=torch.float64), 4, 64)
+    loss_b, grad_b = loss_and_grad(x, y, params, torch.tensor([0.01], dtype=torch.float64), 4, 64)
+    weight = params[:, : 7 * 4]
+    torch.testing.assert_close(loss_a + 0.5 * (0.01 - 0.3) * weight.pow(2).sum(), loss_b)
+    grad_a[:, : 7 * 4] += (0.01 - 0.3) * weight
+    torch.testing.assert_close(grad_a, grad_b)
+
+
+@pytest.mark.slow
 def test_float32_sweep_probe_within_one_percent_of_sklearn(split):
     train_x, train_y, test_x, test_y = split
     tensors = [torch.from_numpy(a) for a in split]
@@ -105,3 +145,32 @@ def test_argument_errors(split):
         fit_logistic(x, y, -1.0)
     with pytest.raises(ValueError, match="one label per sample"):
         linear_probe(x, y[:-1], x, y)
+
+
+def test_fit_restores_the_thread_count(split):
+    """The optimiser's bookkeeping runs on one thread, its evaluations on all: the caller's setting comes back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, y = torch.from_numpy(split[0][:200]), torch.from_numpy(split[1][:200])
+        fit_logistic(x, y, [0.1, 1.0], max_iter=5)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            fit_logistic(x, y, 0.1, classes=torch.tensor([0, 1]))  # fails before fitting: nothing to restore
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_regularisation_path_with_a_communicator_equals_one_process(split, monkeypatch):
+    """The sharded probe sums losses and gradients through ``comm``; the path then takes the same steps."""
+    import geometry.linear_probe as probe
+    from geometry.comm import LocalComm
+
+    monkeypatch.setattr(probe, "_PATH_MIN_WORK", 0)
+    x = torch.from_numpy(standardize(split[0], split[0])[0][:400]).float()
+    y = torch.from_numpy(split[1][:400])
+    alone = fit_logistic(x, y, [1e-3, 1e-1], max_iter=50)
+    summed = fit_logistic(x, y, [1e-3, 1e-1], max_iter=50, comm=LocalComm())
+    assert torch.equal(alone.n_iter, summed.n_iter)
+    torch.testing.assert_close(summed.logits(x), alone.logits(x), atol=1e-4, rtol=1e-4)
