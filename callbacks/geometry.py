@@ -24,6 +24,7 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.plots import geometry_figures
 from features.extract import bytes_needed, describe_bytes, eval_mode, extract, trainer_shard_loader
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 def _when(epoch: int) -> str:
     """A map panel's title: ``before training`` for the initial row, else ``after N epochs``."""
     return "before training" if epoch < 0 else f"after {epoch + 1} epoch{'s' * (epoch != 0)}"
+
+
+#: The numbers the end-of-evaluation log line shows, when computed.
+HEADLINE = ("knn_top1@20", "kmeans_nmi", "linear_probe_acc", "rankme")
 
 
 class GeometryBudgetError(MemoryError):
@@ -168,6 +173,7 @@ class GeometryEval(L.Callback):
             novel = None
             if any("novel" in metric_keywords(m) for m in self.metrics) and hasattr(datamodule, "novel_dataset"):
                 novel = self._features(trainer, pl_module, datamodule.novel_dataset(), None, "novel features")
+        extracted = time.perf_counter()
         comm = metrics_comm(sharded)
         # The queries whole (sorted by index) on every rank: small, and what the pictures and the saved baseline need.
         whole_query = gather_feature_set(comm, query) if sharded else query
@@ -193,6 +199,11 @@ class GeometryEval(L.Callback):
         self.history = [r for r in self.history if r["epoch"] != epoch] + [row]
         self._log(trainer, values)
         self._draw(trainer, whole_query, epoch)
+        # a long evaluation (a 60k bank: minutes) is never silent in a log file; Lightning's logger prints it
+        headline = ", ".join(f"{key} {values[key]:.4f}" for key in HEADLINE if key in values)
+        rank_zero_info(f"GeometryEval epoch {epoch}: {counts[0]} bank / {counts[1]} queries in {row['seconds']:.1f}s "
+                       f"(features {extracted - start:.1f}s, metrics {time.perf_counter() - extracted:.1f}s)"
+                       + (f": {headline}" if headline else ""))
         return values
 
     # -- pictures -----------------------------------------------------------------------------------

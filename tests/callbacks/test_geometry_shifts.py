@@ -45,3 +45,17 @@ def test_shift_keys_equal_metrics_of_corrupted_queries():
 def test_bad_shift_fails_at_construction():
     with pytest.raises(ValueError, match="unknown corruption 'fog'"):
         GeometryEval(query_shifts=["fog:2"])
+
+
+def test_each_evaluation_logs_one_line_with_sizes_seconds_and_headline_numbers(caplog):
+    callback = GeometryEval(metrics=["knn", "quality"], settings=MetricSettings(knn_ks=(3, 20), bootstrap_n=0),
+                            plots=False)
+    module = ClassifierModule(backbone=TINY["backbone"], weights="random", image_size=32,
+                              backbone_overrides=TINY["backbone_overrides"], freeze="all", num_classes=3)
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
+        tiny_trainer(max_epochs=1, limit_train_batches=1, callbacks=[callback]).fit(module, datamodule=TinyData(n=30))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("GeometryEval epoch")]
+    assert [line.split(":")[0] for line in lines] == ["GeometryEval epoch -1", "GeometryEval epoch 0"]
+    row = callback.history[0]
+    assert f"{row['n_bank']} bank / {row['n_query']} queries in " in lines[0]
+    assert f"knn_top1@20 {row['knn_top1@20']:.4f}" in lines[0] and f"rankme {row['rankme']:.4f}" in lines[0]
