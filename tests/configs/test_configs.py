@@ -22,6 +22,7 @@ from fakes import (  # noqa: F401  (one_torch_thread: autouse fixture)
     write_cub_official,
     write_galaxy10,
     write_medmnist,
+    write_mnist_idx,
     write_plantnet,
     write_vggface2,
 )
@@ -70,6 +71,7 @@ DATA_RECIPES: dict[str, Callable[[Path, dict], list[str]]] = {
     "datamodules.cub.CUB200DataModule": _root(write_cub_official, per_class=12),
     "datamodules.crop14.Crop14DataModule": _root(write_class_folders, per_class=8),
     "datamodules.folder.FolderDataModule": _root(write_class_folders, per_class=8),
+    "datamodules.mnist.FashionMNISTDataModule": _root(write_mnist_idx, n_train=80, n_test=30),
 }
 
 #: extra runs of a config with CLI overrides: ChestMNIST exercises the multi-label path end to end
