@@ -16,7 +16,7 @@ import dataclasses
 import lightning as L
 
 from features.extract import block_features, extract, seeded_subset, shard_loader
-from features.shards import metrics_across_ranks, metrics_comm, rank_features, shard_metrics_on
+from features.shards import across_ranks, metrics_across_ranks, metrics_comm, rank_features, shard_metrics_on
 
 
 class RepresentationMeasures:
@@ -80,9 +80,8 @@ class RepresentationMeasures:
         local = block_features({"now": pl_module.backbone, "initial": self.initial}, loader, pl_module.device)
         sharded = self._sharded(trainer)
         features = rank_features(local, trainer.strategy.all_gather, trainer.world_size, pl_module.device, sharded)
-        comm, values = metrics_comm(sharded), None
-        if comm is not None or trainer.is_global_zero:  # sharded: the d x d sums of every rank's rows, all-reduced
-            n_blocks = sum(key.startswith("now") for key in features)
-            values = [linear_cka(features[f"now{i}"], features[f"initial{i}"], debiased=self.cka_debiased, comm=comm)
-                      for i in range(n_blocks)]
-        return trainer.strategy.broadcast(values, src=0)
+        comm = metrics_comm(sharded)  # sharded: the d x d sums of every rank's rows, all-reduced
+        n_blocks = sum(key.startswith("now") for key in features)
+        return across_ranks(trainer, comm, lambda: [
+            linear_cka(features[f"now{i}"], features[f"initial{i}"], debiased=self.cka_debiased, comm=comm)
+            for i in range(n_blocks)])

@@ -10,12 +10,13 @@ are gathered by sample index (``features.extract.gather_by_index``), rank 0 comp
 - :func:`rank_features`: what a rank keeps of the rows it extracted;
 - :func:`metrics_comm`: the communicator the suite gets (None: one process, or gathered features);
 - :func:`metrics_across_ranks`: ``geometry.suite.evaluate_features`` on every rank's view, the same values
-  returned on every rank.
+  returned on every rank (:func:`across_ranks`: the same for any computation, e.g. ContinualEval's block CKA).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -49,7 +50,11 @@ def metrics_across_ranks(trainer, bank, query, metrics, settings, comm: Communic
     """``evaluate_features`` of this rank's view, the same dict on every rank: with ``comm`` (shards) every rank
     computes its share; without it (gathered features) rank 0 computes and broadcasts. ``kwargs`` go to
     ``evaluate_features`` (``novel``, ``reference``, ``per_query`` (filled on rank 0 at least), ``on_error``)."""
-    values = None
-    if comm is not None or trainer.is_global_zero:
-        values = evaluate_features(bank, query, metrics, settings, comm=comm, **kwargs)
-    return trainer.strategy.broadcast(values, src=0)
+    return across_ranks(trainer, comm, lambda: evaluate_features(bank, query, metrics, settings, comm=comm, **kwargs))
+
+
+def across_ranks(trainer, comm: Communicator | None, compute: Callable[[], Any]) -> Any:
+    """``compute()``'s result on every rank: computed by every rank together with ``comm`` (sharded), else by
+    rank 0 alone and broadcast."""
+    value = compute() if comm is not None or trainer.is_global_zero else None
+    return trainer.strategy.broadcast(value, src=0)

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from torch.utils.data import Dataset
 
-from features.extract import FIELDS, extract, seeded_subset, shard_loader
+from features.extract import extract, seeded_subset, shard_loader
 from features.shards import metrics_comm, rank_features, shard_metrics_on
 from probing.cache import FeatureCache
 
@@ -312,11 +312,8 @@ class FeatureCollector:
         else:  # ranks > 0 follow rank 0 (their own features are never used: metrics are computed on rank 0)
             complete = rank_zero_decides(complete)
         what = f"{backbone_key['id']} | {dataset_key['label']} | {split}"
-        if complete:
-            # safetensors returns a file's tensors in no fixed order; a sharded run's collectives walk the fields
-            # in dict order on every rank, so every entry gets extraction's order.
-            features, source = {layer: {name: value[name] for name in (*FIELDS, *sorted(set(value) - set(FIELDS)))
-                                        if name in value} for layer, value in cached.items()}, "cache"
+        if complete:  # (safetensors returns fields in any order; geometry.comm gathers them in sorted order)
+            features, source = cached, "cache"
         else:
             features, source = self.runner(backbone, dataset, datamodule.make_loader, blocks, what), \
                 "extracted"
