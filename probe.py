@@ -120,14 +120,20 @@ def build_parser() -> ArgumentParser:
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse the options and run the probe (``probing.run.run_probe``); returns its result dict."""
+    from cli.errors import setup_phase
+
+    with setup_phase():
+        parser = build_parser()
+        argv = [ARG_ALIASES.get(a, a) for a in (sys.argv[1:] if args is None else args)]
+        cfg = parser.parse_args(argv)
+        config_text = parser.dump(cfg)
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+        settings = instantiate(cfg).settings
+    from cli.startup import import_lightning
+
+    import_lightning()  # without the two eager imports of torchmetrics that no code path here uses
     from probing.run import run_probe
 
-    parser = build_parser()
-    argv = [ARG_ALIASES.get(a, a) for a in (sys.argv[1:] if args is None else args)]
-    cfg = parser.parse_args(argv)
-    config_text = parser.dump(cfg)
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
-    settings = instantiate(cfg).settings
     return run_probe(cfg, settings, config_text)
 
 

@@ -28,6 +28,10 @@ if __name__ == "__main__":  # a broken config file is reported before the heavy 
 
     run_preflight(sys.argv[1:])
 
+from cli.startup import import_lightning  # noqa: E402
+
+import_lightning()  # without the two eager imports of torchmetrics that no code path here uses (cli/startup.py)
+
 from jsonargparse import ActionYesNo  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
@@ -247,6 +251,11 @@ class FMProbeCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> FMProbeCLI:
     """Build and run the CLI; errors propagate (``python train.py`` prints them as one line: ``cli.errors.run``)."""
+    with errors.setup_phase():  # errors of the run itself are marked "run" first (FMProbeCLI._run_subcommand)
+        return _build_cli(args)
+
+
+def _build_cli(args: list[str] | None) -> FMProbeCLI:
     return FMProbeCLI(
         BackboneModule,
         BaseDataModule,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ("knn", "kmeans", "logreg", "cka", "cache", "callback", "extract", "bootstrap", "quality",
-              "sharded")
+              "sharded", "startup")
 RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
 
 

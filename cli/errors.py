@@ -21,11 +21,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
+from cli.startup import exit_now
+
 USAGE, FAILURE, INTERRUPTED = 2, 1, 130
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "FMPROBE_DEBUG"
 UNION_WALL = "Does not validate against any of the Union subtypes"
-#: Set on an exception raised while the run itself was going (exit status 1, not 2).
+#: Set on an exception: "run" when raised while the run itself was going (exit status 1, not 2), "setup" when
+#: raised before it began (parsing, checks, building the classes).
 PHASE_ATTR = "fmprobe_phase"
 
 #: Errors that are the user's to fix, by class name (their modules are too heavy to import here).
@@ -51,6 +54,21 @@ def mark_run_phase(error: BaseException) -> None:
         setattr(error, PHASE_ATTR, "run")
     except AttributeError:  # a few built-in exceptions take no attributes
         pass
+
+
+@contextmanager
+def setup_phase():
+    """Mark what escapes the block (errors, ``--help``'s exit) as raised before the run began, unless already marked:
+    from the command line, ``run`` then ends the process without the interpreter's slow teardown."""
+    try:
+        yield
+    except BaseException as error:
+        if getattr(error, PHASE_ATTR, None) is None:
+            try:
+                setattr(error, PHASE_ATTR, "setup")
+            except AttributeError:
+                pass
+        raise
 
 
 def attach_path(error: BaseException, path) -> None:
@@ -269,7 +287,9 @@ def run(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) 
         for value in config_paths(argv):
             check_config_file(value)
         main(None if from_command_line else argv)
-    except SystemExit:
+    except SystemExit as stop:
+        if from_command_line and getattr(stop, PHASE_ATTR, None) == "setup" and isinstance(stop.code, int | None):
+            exit_now(stop.code or 0)  # e.g. --help or a parser error: nothing to save
         raise
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -278,6 +298,8 @@ def run(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) 
         if debug or not is_user_error(innermost(error)):
             raise
         print(f"error: {describe(error)}", file=sys.stderr)
+        if from_command_line and getattr(error, PHASE_ATTR, None) == "setup":
+            exit_now(USAGE)
         sys.exit(FAILURE if getattr(error, PHASE_ATTR, None) == "run" else USAGE)
     finally:
         _debug_run = False
