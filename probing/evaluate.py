@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -42,24 +43,51 @@ def check_metrics(metrics: list[str], what: str = "metrics") -> list[str]:
 
 def layer_metrics(splits: dict[str, dict[str, dict]], layer: str, metrics: list[str], settings: MetricSettings,
                   where: str = "", per_query: dict | None = None, comm=None,
-                  seconds: dict[str, float] | None = None) -> dict[str, float]:
+                  seconds: dict[str, float] | None = None, results=None) -> dict[str, float]:
     """Suite metrics of one layer: bank = the train split, queries = the query split, novel if extracted.
 
     One call per metric, so a metric the data cannot support (e.g. 10-shot episodes with 12 samples per
     class) is skipped with a warning naming it instead of losing the others. ``seconds`` (a dict), when given,
-    receives each metric's wall time.
+    receives each metric's wall time (a name ending in " (cached)" when it came from ``results``, a
+    ``probing.result_cache.ResultCache``: unused when sharded; a metric that raised, returned nothing or warned
+    is not stored, so its message comes again on the next run).
     """
+    bank, query = splits["train"][layer], splits["query"][layer]
     novel = splits["novel"][layer] if "novel" in splits else None
+    results = results if comm is None else None
+    digests = None
     out: dict[str, float] = {}
     for metric in (m for m in metrics if m not in PROBE_ONLY_METRICS):
         started = time.perf_counter()
-        try:
-            out.update(evaluate_features(splits["train"][layer], splits["query"][layer], [metric], settings,
-                                         novel=novel, per_query=per_query, comm=comm))
-        except ValueError as error:
-            log.warning("%s skipped on %s, layer %s: %s", metric, where, layer, error)
+        key, found = None, None
+        if results is not None:
+            if digests is None:
+                from probing.result_cache import tensor_digest
+
+                digests = {"bank": tensor_digest(bank), "query": tensor_digest(query), "novel": tensor_digest(novel)}
+            key = results.key(metric, settings, digests)
+            found = results.load(key)
+        if found is not None:
+            values, kept = found
+        else:
+            kept = {}
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    values = evaluate_features(bank, query, [metric], settings, novel=novel, per_query=kept,
+                                               comm=comm)
+                except ValueError as error:
+                    log.warning("%s skipped on %s, layer %s: %s", metric, where, layer, error)
+                    values = None
+            for warning in caught:  # shown as usual; a result that warned is not stored, so it warns every time
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+            if values and key is not None and not caught:
+                results.save(key, values, kept)
+        out.update(values or {})
+        if per_query is not None:
+            per_query.update(kept)
         if seconds is not None:
-            seconds[metric] = time.perf_counter() - started
+            seconds[metric if found is None else f"{metric} (cached)"] = time.perf_counter() - started
     return out
 
 
@@ -89,12 +117,13 @@ def cka_matrix(features: list[torch.Tensor], debiased: bool, comm=None) -> list[
 def evaluate(features: dict[str, dict[str, dict]], metrics: list[str], block_metrics: list[str],
              settings: MetricSettings, cka_debiased: bool,
              per_query: dict | None = None, comm=None,
-             progress: Callable[[str], None] | None = None) -> tuple[list[dict], dict[str, Any]]:
+             progress: Callable[[str], None] | None = None, results=None) -> tuple[list[dict], dict[str, Any]]:
     """All rows and the CKA matrices from ``features[backbone][dataset][split][layer]`` (feature dicts).
 
     ``per_query`` (a dict), when given, receives ``{(backbone, dataset): {metric: PerQuery}}`` of the final
     embedding, for :func:`paired_comparisons`. ``progress`` receives one line per layer: what ran and the seconds
-    of each metric (probe.py prints them, so a long evaluation is never silent).
+    of each metric (probe.py prints them, so a long evaluation is never silent). ``results``: a
+    ``probing.result_cache.ResultCache`` serving and storing each (layer, metric) result.
 
     k-means uses as many clusters as the query split has classes (not the dataset's ``num_classes``, which
     counts the held-out novel sub-classes of the synthetic data too).
@@ -110,7 +139,7 @@ def evaluate(features: dict[str, dict[str, dict]], metrics: list[str], block_met
                     if per_query is not None and layer == FINAL_LAYER else None
                 seconds: dict[str, float] = {}
                 values = layer_metrics(splits, layer, wanted, settings, where=f"{backbone} / {dataset}",
-                                       per_query=keep, comm=comm, seconds=seconds)
+                                       per_query=keep, comm=comm, seconds=seconds, results=results)
                 if progress is not None:
                     spent = ", ".join(f"{name} {value:.1f}s" for name, value in seconds.items())
                     progress(f"{backbone} | {dataset} | {layer}  metrics in {sum(seconds.values()):.1f}s: {spent}")

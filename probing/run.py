@@ -94,6 +94,7 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
     from probing.cache import FeatureCache
     from probing.evaluate import check_metrics, evaluate
     from probing.extract import ExtractionRunner, FeatureCollector, cache_keys, normalise_precision
+    from probing.result_cache import ResultCache
     from probing.specs import parse_backbone, parse_dataset, unique_labels
     from report.run_info import versions
 
@@ -163,10 +164,11 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
 
     per_query: dict = {}
     progress = metric_progress if cfg.progress and is_rank_zero else None
+    results = ResultCache.beside(cache) if comm is None else None  # the metric values of earlier runs
     rows, cka_section = evaluate(features, metrics, block_metrics, settings, cfg.cka_debiased, per_query, comm,
-                                 progress)
+                                 progress, results)
     shift_rows = evaluate(shifted, [m for m in metrics if m != "cka"], [], settings, cfg.cka_debiased,
-                          comm=comm, progress=progress)[0] if shifted else []
+                          comm=comm, progress=progress, results=results)[0] if shifted else []
     if comm is not None:  # what follows (similarities, comparisons, maps) reads the queries whole, on rank 0
         features = whole_queries(comm, features, keep_bank={label for pair in pairs for label in pair})
         if not is_rank_zero:
@@ -204,8 +206,8 @@ def run_probe(cfg, settings: MetricSettings, config_text: str) -> dict[str, Any]
 
     # Written with the results, not before the work: a probe that fails leaves an earlier run's files as they were.
     atomic_write_text(run_dir / "config.yaml", config_text)
-    return finish(run_dir, rows, config, versions(), cka_section, comparisons, tables, collector, cache, runner,
-                  plot_paths, [b.id for b in backbones], extraction_seconds, started)
+    return finish(run_dir, rows, config, versions(), cka_section, comparisons, tables, collector, cache, results,
+                  runner, plot_paths, [b.id for b in backbones], extraction_seconds, started)
 
 
 
@@ -284,7 +286,7 @@ def draw_plots(out_dir: Path, rows, cka_section, features, modules, pairs, cfg, 
     return paths
 
 
-def finish(run_dir: Path, rows, config, versions, cka_section, comparisons, tables, collector, cache, runner,
+def finish(run_dir: Path, rows, config, versions, cka_section, comparisons, tables, collector, cache, results, runner,
            plot_paths, backbone_ids, extraction_seconds, started) -> dict[str, Any]:
     """Write results.csv / results.json and print the tables and where everything is."""
     from rich.console import Console
@@ -295,7 +297,8 @@ def finish(run_dir: Path, rows, config, versions, cka_section, comparisons, tabl
     json_path = write_json(
         run_dir / "results.json", rows, run_dir=str(run_dir.resolve()), config=config, versions=versions,
         cka=cka_section, synthetic_vs_real=comparisons, features=collector.log,
-        cache={"dir": str(cache.root), **dict(cache.stats)}, extraction_calls=runner.calls,
+        cache={"dir": str(cache.root), **dict(cache.stats), "metric_results": dict(results.stats) if results else {}},
+        extraction_calls=runner.calls,
         plots=[str(p) for p in plot_paths],
         seconds={"extraction": round(extraction_seconds, 2), "total": round(time.time() - started, 2)},
     )
@@ -312,6 +315,8 @@ def finish(run_dir: Path, rows, config, versions, cka_section, comparisons, tabl
         console.print(table)
     stats = dict(cache.stats)
     console.print(f"features      : {runner.calls} extractions, cache {stats} in {cache.root}")
+    if results is not None:
+        console.print(f"metric values : result cache {dict(results.stats)} in {results.root}")
     console.print(f"results       : {csv_path.resolve()}\n                {json_path.resolve()}")
     if plot_paths:
         console.print(f"plots         : {len(plot_paths)} PNGs in {(run_dir / 'plots').resolve()}")

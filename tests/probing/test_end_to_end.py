@@ -195,8 +195,11 @@ def test_second_run_reuses_the_cache_and_corruption_is_rebuilt(first_run):
     again = probe.main(_cheap(root))
     assert again["extraction_calls"] == 0 and again["cache"]["hits"] > 0 and "written" not in again["cache"]
     _assert_same_numbers(read_csv(again["results_csv"]), first)
-    # Damage two entries: one truncated, one with a flipped byte (same size). Both are found and rebuilt.
-    entries = sorted((root / "cache").rglob("*.safetensors"))
+    # the metric values too came from the first run's result cache (probing/result_cache.py)
+    served = json.loads(again["results_json"].read_text())["cache"]["metric_results"]
+    assert served["hits"] > 0 and served["written"] == 0 and served["misses"] == 0, served
+    # Damage two feature entries: one truncated, one with a flipped byte (same size). Both are found and rebuilt.
+    entries = sorted(path for path in (root / "cache").rglob("*.safetensors") if ".metric-results" not in path.parts)
     truncated, flipped = entries[0], entries[-1]
     truncated.write_bytes(truncated.read_bytes()[:-100])
     data = bytearray(flipped.read_bytes())
