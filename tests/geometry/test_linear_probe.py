@@ -81,6 +81,28 @@ def test_regularisation_path_equals_stacked_heads(split, monkeypatch):
         torch.testing.assert_close(path.logits(x)[g], stacked.logits(x)[g], atol=2e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("heads, classes", [(1, 10), (1, 3), (2, 10), (4, 20)])
+def test_loss_and_gradient_equal_autograd_in_both_product_layouts(heads, classes):
+    """Below 16 logit columns the gradient product is residual^T x, from 16 on x^T residual: both exact."""
+    from geometry.logistic_lbfgs import _NARROW_COLUMNS, loss_and_grad
+
+    gen = torch.Generator().manual_seed(heads * 100 + classes)
+    d, n = 9, 257
+    x, y = torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randint(0, classes, (n,), generator=gen)
+    params = torch.randn(heads, d * classes + classes, generator=gen, dtype=torch.float64)
+    l2 = torch.rand(heads, generator=gen, dtype=torch.float64)
+    loss, grad = loss_and_grad(x, y, params, l2, classes, 64)  # several row chunks
+    leaf = params.clone().requires_grad_(True)
+    weight = leaf[:, : d * classes].view(heads, d, classes)
+    logits = torch.einsum("nd,gdc->gnc", x, weight) + leaf[:, d * classes :].unsqueeze(1)
+    reference = torch.stack([torch.nn.functional.cross_entropy(logits[g], y) for g in range(heads)])
+    reference = reference + 0.5 * l2 * weight.pow(2).sum(dim=(1, 2))
+    reference.sum().backward()
+    assert (heads * classes < _NARROW_COLUMNS) == (heads * classes in (10, 3))
+    torch.testing.assert_close(loss, reference.detach())
+    torch.testing.assert_close(grad, leaf.grad)
+
+
 def test_changed_penalty_start_is_an_exact_evaluation():
     """The path's free start: the loss and gradient at l2_b from those at l2_a, plus the penalty's change."""
     from geometry.logistic_lbfgs import loss_and_grad
