@@ -98,10 +98,16 @@ def ordered_topk(scores: Tensor, k: int, keys: Tensor | None = None,
         kept = by_key.indices[:, :k]
         values[ambiguous] = by_key.values[:, :k]
         index[ambiguous] = kept if key_order is None else key_order[kept]
-    order = (index if keys is None else keys[index]).argsort(dim=1, stable=True)
-    values, index = values.gather(1, order), index.gather(1, order)
-    order = values.argsort(dim=1, descending=True, stable=True)
-    return values.gather(1, order), index.gather(1, order)
+    # Equal scores inside the top k: topk orders them arbitrarily, so those rows are put in key order (only
+    # those: re-sorting every row cost more than the top-k itself on a 60k bank with continuous features).
+    tied = (values[:, 1:] == values[:, :-1]).any(dim=1).nonzero().flatten()
+    if len(tied):
+        tied_values, tied_index = values[tied], index[tied]
+        order = (tied_index if keys is None else keys[tied_index]).argsort(dim=1, stable=True)
+        tied_values, tied_index = tied_values.gather(1, order), tied_index.gather(1, order)
+        order = tied_values.argsort(dim=1, descending=True, stable=True)
+        values[tied], index[tied] = tied_values.gather(1, order), tied_index.gather(1, order)
+    return values, index
 
 
 def vote_weights(top_scores: Tensor, queries: Tensor, distance: str, temperature: float | None) -> Tensor:

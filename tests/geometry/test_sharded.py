@@ -330,6 +330,9 @@ def test_one_process_knn_orders_equal_neighbours_by_bank_position_like_the_shard
 
 def test_ordered_topk_is_a_stable_sort_by_score_then_key():
     scores = torch.randint(0, 5, (8, 300), generator=torch.Generator().manual_seed(0)).float()
+    # rows without equal scores too (only tied rows are re-sorted): continuous, and tied only beyond the top
+    scores[2] = torch.randn(300, generator=torch.Generator().manual_seed(2))
+    scores[5] = torch.arange(300.0).flip(0).clamp(min=250.0)
     keys = torch.randperm(300, generator=torch.Generator().manual_seed(1))
     for k in (1, 7, 40, 300):
         values, index = ordered_topk(scores, k)
