@@ -61,15 +61,20 @@ def test_a_failure_under_the_stand_ins_falls_back_to_the_ordinary_import():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
-@pytest.mark.slow
-def test_eager_imports_on_request():
-    result = _python("""
-        import sys
-        from cli.startup import import_lightning
-        import_lightning()
-        print("scipy.signal" in sys.modules)
-    """, FMPROBE_EAGER_IMPORTS="1")
-    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr[-3000:]
+def test_eager_imports_on_request(monkeypatch):
+    import cli.startup as startup
+
+    imported = []
+    monkeypatch.setenv("FMPROBE_EAGER_IMPORTS", "1")
+    monkeypatch.delitem(sys.modules, "lightning.pytorch", raising=False)  # as in a fresh process (restored after)
+    monkeypatch.setattr(startup, "deferred_imports", lambda: pytest.fail("stand-ins used although eager"))
+    monkeypatch.setattr(startup.importlib, "import_module", imported.append)
+    startup.import_lightning()
+    assert imported == ["lightning.pytorch"]
+    monkeypatch.setenv("FMPROBE_EAGER_IMPORTS", "0")
+    monkeypatch.setattr(startup, "deferred_imports", lambda: pytest.fail("deferred, as it should be"))
+    with pytest.raises(pytest.fail.Exception, match="deferred, as it should be"):
+        startup.import_lightning()
 
 
 @pytest.mark.slow
