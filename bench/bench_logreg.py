@@ -21,6 +21,9 @@ from bench.common import Result, count, gaussian_mixture, timed_pair
 from geometry.linear_probe import DEFAULT_L2_GRID, fit_logistic
 
 FULL = {"train": 50_000, "test": 10_000, "dim": 768, "classes": 100}
+# A 10-class probe of a 1,280-d embedding (Fashion-MNIST / CIFAR-10 on an EfficientNet): one head has 10 logit
+# columns, where the gradient's product takes its narrow layout (geometry/logistic_lbfgs.py).
+NARROW = {"train": 50_000, "test": 10_000, "dim": 1280, "classes": 10}
 QUICK = {"train": 2_000, "test": 500, "dim": 64, "classes": 10}
 SPREAD = 6.0  # overlapping classes: the probe's accuracy is informative
 ONE_L2 = 1e-4  # C = 0.2 at n = 50k
@@ -51,7 +54,12 @@ def pick(val_acc: list[float], grid: list[float]) -> int:
 
 
 def run(quick: bool, device: str) -> list[Result]:
-    size = QUICK if quick else FULL
+    if quick:
+        return compare(QUICK, ("one fit", "8-value L2 sweep"), device)
+    return compare(FULL, ("one fit", "8-value L2 sweep"), device) + compare(NARROW, ("one fit",), device)
+
+
+def compare(size: dict, cases: tuple[str, ...], device: str) -> list[Result]:
     train_x, train_y, centers = gaussian_mixture(size["train"], size["dim"], size["classes"], SPREAD, seed=3)
     test_x, test_y, _ = gaussian_mixture(size["test"], size["dim"], size["classes"], SPREAD, seed=4,
                                          centers=centers)
@@ -74,7 +82,8 @@ def run(quick: bool, device: str) -> list[Result]:
         sklearn_fits(x_np[:500], y_np[:500], [1e-3])
 
     results = []
-    for label, grid in (("one fit", [ONE_L2]), ("8-value L2 sweep", list(DEFAULT_L2_GRID))):
+    grids = {"one fit": [ONE_L2], "8-value L2 sweep": list(DEFAULT_L2_GRID)}
+    for label, grid in ((label, grids[label]) for label in cases):
         # Alternated (ours, sklearn, ours, sklearn), best of each: on the shared 2-core machine the load moves by
         # 2x within minutes, and two back-to-back blocks measured the same code from 1.7x to 3.5x apart.
         ours_t, ref_t = timed_pair(lambda grid=grid: fit_logistic(x_d, y_d, grid, max_iter=MAX_ITER, tol=TOL),
