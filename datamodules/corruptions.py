@@ -291,14 +291,8 @@ def enlarges(transform, width: int, height: int) -> bool:
 
 
 def _resize_like(transform, x: Tensor) -> Tensor:
-    """``transform``'s resize (bilinear, antialiased; centre crop if it crops) of a float image in [0, 1]."""
-    from torchvision.transforms.v2 import functional as TF
-
-    if transform.center_crop:
-        x = TF.center_crop_image(TF.resize_image(x, [transform.size], antialias=True), [transform.size] * 2)
-    else:
-        x = TF.resize_image(x, [transform.size, transform.size], antialias=True)
-    return x.clamp(0, 1)
+    """``transform``'s resize (``EvalTransform.resize``) of a float image in [0, 1], clamped to [0, 1]."""
+    return transform.resize(x).clamp(0, 1)
 
 
 class CorruptedDataset(Dataset):

@@ -59,17 +59,20 @@ class EvalTransform:
                               or platform.machine() in ("aarch64", "arm64"))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        x = F.pil_to_tensor(image)
-        if self.center_crop:  # shorter side to size, then the central square (keeps the aspect ratio)
-            x = F.center_crop_image(F.resize_image(x, [self.size], antialias=True), [self.size, self.size])
-        elif self._native_uint8 and x.shape[-2:] != (self.size, self.size):
-            # resize_image's own kernel call without its wrapper (~25 us of ~80 us per image)
-            x = torch.nn.functional.interpolate(x.unsqueeze(0), size=[self.size, self.size], mode="bilinear",
-                                                align_corners=False, antialias=True)[0]
-        else:
-            x = F.resize_image(x, [self.size, self.size], antialias=True)
+        x = self.resize(F.pil_to_tensor(image))
         # to_dtype_image(scale=True) then normalize_image, op for op
         return x.to(torch.float32).mul_(1.0 / 255).sub_(self._mean).div_(self._std)
+
+    def resize(self, x: torch.Tensor) -> torch.Tensor:
+        """The transform's resize of a (C, H, W) image tensor, uint8 or float (bilinear, antialiased; with
+        ``center_crop`` the shorter side to ``size``, then the central square, keeping the aspect ratio)."""
+        if self.center_crop:
+            return F.center_crop_image(F.resize_image(x, [self.size], antialias=True), [self.size, self.size])
+        if self._native_uint8 and x.dtype == torch.uint8 and x.shape[-2:] != (self.size, self.size):
+            # resize_image's own kernel call without its wrapper (~25 us of ~80 us per image)
+            return torch.nn.functional.interpolate(x.unsqueeze(0), size=[self.size, self.size], mode="bilinear",
+                                                   align_corners=False, antialias=True)[0]
+        return F.resize_image(x, [self.size, self.size], antialias=True)
 
     def __repr__(self) -> str:
         return (f"EvalTransform(size={self.size}, mean={self.mean}, std={self.std}"
