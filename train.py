@@ -18,6 +18,7 @@ line (``cli/errors.py``; ``--debug`` for the traceback).
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 import sys
 import time
@@ -35,6 +36,7 @@ import_lightning()  # without the two eager imports of torchmetrics that no code
 from jsonargparse import ActionYesNo  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 
 from callbacks.results import ResultsWriter  # noqa: E402
 from callbacks.resume import ResumeState  # noqa: E402
@@ -202,7 +204,21 @@ class FMProbeCLI(LightningCLI):
         if getattr(self, "_replace", False) and rundir.is_rank_zero():
             rundir.remove_run(self.run_dir)
 
+    def _set_seed(self) -> None:
+        # Lightning logs "Seed set to N" here, before the classes are built, so a config error printed two lines;
+        # the seed is set now and its line comes when the run starts (_run_subcommand).
+        seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+        level = seed_log.level
+        seed_log.setLevel(logging.WARNING)
+        try:
+            super()._set_seed()
+        finally:
+            seed_log.setLevel(level)
+
     def _run_subcommand(self, subcommand: str) -> None:
+        seed = self._stage_config().get("seed_everything")
+        if seed is not None and seed is not False:
+            rank_zero_info(f"Seed set to {seed}")
         try:
             super()._run_subcommand(subcommand)
         except BaseException as error:
