@@ -117,20 +117,21 @@ def _feature_space_sums(x: Tensor, y: Tensor, mean_x: Tensor, mean_y: Tensor, ch
     return acc, row_sq_x, row_sq_y
 
 
+def _unbiased_hsic(product: float, rows_dot: float, norm_a: float, norm_b: float, n: int) -> float:
+    """Kornblith et al.'s feature-space form of the unbiased HSIC estimator (scaled by n(n-3)), from
+    ``||A^T B||_F^2``, ``sum_i |a_i|^2 |b_i|^2`` and ``sum |a_i|^2``, ``sum |b_i|^2`` of centred A, B."""
+    return product - n / (n - 2) * rows_dot + norm_a * norm_b / ((n - 1) * (n - 2))
+
+
 def _feature_space_cka(acc: dict, scalars: Tensor | None, n: int) -> float:
     """CKA from the d x d sums; ``scalars`` = [sum |xc|^2, sum |yc|^2, sum |xc|^2 |yc|^2, sum |xc|^4,
     sum |yc|^4] for the debiased estimator (None: the plug-in one)."""
     hsic = {key: float(m.pow(2).sum()) for key, m in acc.items()}
     if scalars is not None:
-        # Kornblith et al.'s feature-space form of the unbiased estimator (scaled by n(n-3)).
         sq_norm_x, sq_norm_y, dot_xy, dot_xx, dot_yy = scalars.tolist()
-
-        def unbiased(product: float, rows_dot: float, norm_a: float, norm_b: float) -> float:
-            return product - n / (n - 2) * rows_dot + norm_a * norm_b / ((n - 1) * (n - 2))
-
-        hsic = {"xy": unbiased(hsic["xy"], dot_xy, sq_norm_x, sq_norm_y),
-                "xx": unbiased(hsic["xx"], dot_xx, sq_norm_x, sq_norm_x),
-                "yy": unbiased(hsic["yy"], dot_yy, sq_norm_y, sq_norm_y)}
+        hsic = {"xy": _unbiased_hsic(hsic["xy"], dot_xy, sq_norm_x, sq_norm_y, n),
+                "xx": _unbiased_hsic(hsic["xx"], dot_xx, sq_norm_x, sq_norm_x, n),
+                "yy": _unbiased_hsic(hsic["yy"], dot_yy, sq_norm_y, sq_norm_y, n)}
     return _ratio(hsic["xy"], hsic["xx"], hsic["yy"])
 
 
@@ -220,9 +221,7 @@ def _feature_space_matrix(xs: list[Tensor], ys: list[Tensor] | None, debiased: b
         value = float(product.pow(2).sum())
         if not debiased:
             return value
-        # Kornblith et al.'s feature-space form of the unbiased estimator (scaled by n(n-3)), as _feature_space_cka
-        return (value - n / (n - 2) * float(row_sq_a @ row_sq_b)
-                + float(row_sq_a.sum()) * float(row_sq_b.sum()) / ((n - 1) * (n - 2)))
+        return _unbiased_hsic(value, float(row_sq_a @ row_sq_b), float(row_sq_a.sum()), float(row_sq_b.sum()), n)
 
     px = [prepared(f) for f in xs]
     py = px if ys is None else [prepared(f) for f in ys]
