@@ -290,11 +290,6 @@ def enlarges(transform, width: int, height: int) -> bool:
     return max(width, height) <= transform.size and (width, height) != (transform.size, transform.size)
 
 
-def _resize_like(transform, x: Tensor) -> Tensor:
-    """``transform``'s resize (``EvalTransform.resize``) of a float image in [0, 1], clamped to [0, 1]."""
-    return transform.resize(x).clamp(0, 1)
-
-
 class CorruptedDataset(Dataset):
     """A dataset of normalised image samples, corrupted: un-normalise, ``corrupt``, normalise again.
 
@@ -337,7 +332,7 @@ class CorruptedDataset(Dataset):
 
                 stored = TF.pil_to_tensor(image).float() / 255
                 corrupted = corrupt(stored, self.corruption, self.severity)  # blur and JPEG draw nothing
-                sample["image"] = (_resize_like(transform, corrupted) - self._mean) / self._std
+                sample["image"] = (transform.resize(corrupted).clamp(0, 1) - self._mean) / self._std
                 return sample
             sample["image"] = transform(image)
         index = int(sample.get("index", key if isinstance(key, int) else key[0]))
