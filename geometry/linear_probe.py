@@ -13,9 +13,10 @@ evaluation of all heads' losses and gradients is one matmul over the data. The h
 so each keeps its own L-BFGS state (curvature pairs, step length, line search) and stops on its own; the
 batch shrinks as heads converge. One L-BFGS over the *summed* loss has the same minimiser, but its shared
 curvature estimate mixes heads of very different conditioning (8000 x 128 x 30 classes: >500 iterations where
-the slowest head alone needs ~40). Large problems on CPU, where an evaluation is all matmul, run the grid as a
-regularisation path instead (one head at a time from the largest l2 down, each warm-started from the previous
-one: fewer evaluations in all). The optimiser and the evaluation live in ``geometry.logistic_lbfgs``. The grid is scored on a seeded stratified holdout of the *train* features;
+the slowest head alone needs ~40). Large problems with many classes on CPU, where an evaluation is all matmul,
+run the grid as a regularisation path instead (one head at a time from the largest l2 down, each warm-started
+from the previous one: fewer evaluations in all); with few classes the stacked heads' product is barely dearer
+than one head's, and stacking wins. The optimiser and the evaluation live in ``geometry.logistic_lbfgs``. The grid is scored on a seeded stratified holdout of the *train* features;
 the test features are touched only once, by the final refit on all train features.
 
 Multi-label data gets one binary probe per label (``multilabel_linear_probe``); the k-shot probe
@@ -49,6 +50,11 @@ _LOGIT_CHUNK_ELEMENTS = 1 << 22
 # stacked heads. Bench 50k x 768 x 100 (3.8e9): path 56 single-head evaluations vs 91 head-iterations stacked,
 # at ~0.9x the cost each; GeometryEval-sized 1k x 1280 x 10 (1.3e7): the path was 2x slower (per-call overhead).
 _PATH_MIN_WORK = 1e8
+# ... unless all heads together have at most this many logit columns: narrow products leave the matmul kernels
+# idle, so stacking costs little. 48k x 1280, one evaluation: 10 classes, 8 heads 140 ms vs one head 93 ms;
+# 20 classes 250 vs 74 ms; 100 classes 1,081 vs 189 ms. Lite0@random's Fashion-MNIST sweep (ill-conditioned:
+# 500 iterations for the four weakest heads): stacked 94 s, path 2,752 head-iterations.
+_STACKED_MAX_COLUMNS = 96
 
 
 @dataclass
@@ -87,8 +93,9 @@ def fit_logistic(x, y, l2: float | Sequence[float], max_iter: int = 500, tol: fl
     to compare with scikit-learn (``history_size=10`` and ``tol`` as scikit-learn's lbfgs). ``classes`` fixes
     the output columns (default: sorted unique labels of y); ``init`` = (weight (G, D, C), bias (G, C))
     warm-starts the optimiser (else a cold start, whose first step is extrapolated). Several ``l2`` run as
-    stacked heads, or as a regularisation path (module doc) on CPU when N x D x C >= ``_PATH_MIN_WORK``. Memory: one row chunk of (chunk, G x C) logits plus 2 x history_size x G x
-    (D + 1) x C floats of L-BFGS history.
+    stacked heads, or as a regularisation path (module doc) on CPU when N x D x C >= ``_PATH_MIN_WORK`` and the
+    stacked heads would have more than ``_STACKED_MAX_COLUMNS`` logit columns. Memory: one row chunk of
+    (chunk, G x C) logits plus 2 x history_size x G x (D + 1) x C floats of L-BFGS history.
     ``comm`` (a ``geometry.comm.Communicator``): x, y are this process's shard; losses and gradients are summed
     over processes, so every process runs the same L-BFGS steps and returns the same heads.
     """
@@ -130,7 +137,8 @@ def fit_logistic(x, y, l2: float | Sequence[float], max_iter: int = 500, tol: fl
     if serial_bookkeeping:
         torch.set_num_threads(1)
     try:
-        if init is None and g > 1 and x.device.type == "cpu" and work >= _PATH_MIN_WORK:
+        if (init is None and g > 1 and x.device.type == "cpu" and work >= _PATH_MIN_WORK
+                and g * c > _STACKED_MAX_COLUMNS):
             params, iterations = _regularisation_path(evaluate, params, l2_values, c, max_iter, tol, history_size)
         else:
             params, iterations, _, _ = batched_lbfgs(evaluate, params, l2_values, max_iter, tol, history_size,
@@ -312,11 +320,13 @@ def linear_metrics(bank, query, settings, *, comm=None) -> dict[str, float]:
         return sharded_linear_metrics(bank, query, settings, comm)
     if query["label"].ndim > 1:
         fit = multilabel_linear_probe(bank["embedding"].float(), bank["label"], query["embedding"].float(),
-                                      query["label"], l2_grid=settings.probe_l2_grid, seed=settings.seed)
+                                      query["label"], l2_grid=settings.probe_l2_grid, seed=settings.seed,
+                                      max_iter=settings.probe_max_iter)
         return {"linear_probe_label_acc": multilabel_accuracy(fit["predictions"], query["label"]),
                 **auc_entry("linear_probe_auc", lambda: multilabel_macro_auc(fit["scores"], query["label"]))}
     fit = linear_probe(bank["embedding"].float(), bank["label"], query["embedding"].float(), query["label"],
-                       l2_grid=settings.probe_l2_grid, seed=settings.seed, return_probabilities=True)
+                       l2_grid=settings.probe_l2_grid, seed=settings.seed, max_iter=settings.probe_max_iter,
+                       return_probabilities=True)
     return _single_label_entries(fit, query)
 
 

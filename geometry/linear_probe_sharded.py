@@ -100,5 +100,5 @@ def sharded_linear_metrics(bank, query, settings, comm) -> dict:
         return linear_metrics(gather_feature_set(comm, bank), query, settings)
     fit = sharded_linear_probe(bank["embedding"].float(), bank["label"], bank["index"], query["embedding"].float(),
                                query["label"], comm, l2_grid=settings.probe_l2_grid, seed=settings.seed,
-                               return_probabilities=True)
+                               max_iter=settings.probe_max_iter, return_probabilities=True)
     return _single_label_entries(fit, query)

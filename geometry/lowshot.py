@@ -16,7 +16,7 @@ def lowshot_metrics(bank, query, settings) -> dict[str, float]:
     """``lowshot_knn_{n}shot`` and ``lowshot_linear_{n}shot`` for every n of ``settings.lowshot_n_per_class``.
 
     kNN uses the smallest k of ``settings.knn_ks`` (clipped to the subset size) and ``knn_temperature``; the
-    probe uses its fixed low-shot l2 (see ``lowshot_linear_probe_accuracy``). Seeded by ``settings.seed``.
+    probe uses its fixed low-shot l2 (see ``lowshot_linear_probe_accuracy``) and ``probe_max_iter``. Seeded by ``settings.seed``.
     """
     if not has_single_labels(query, "low-shot"):
         return {}
@@ -25,7 +25,7 @@ def lowshot_metrics(bank, query, settings) -> dict[str, float]:
     knn = lowshot_knn_accuracy(bank["embedding"], bank["label"], query["embedding"], query["label"],
                                k=min(settings.knn_ks), temperature=settings.knn_temperature, **common)
     linear = lowshot_linear_probe_accuracy(bank["embedding"], bank["label"], query["embedding"], query["label"],
-                                           **common)
+                                           max_iter=settings.probe_max_iter, **common)
     result = {f"lowshot_knn_{n}shot": knn[n] for n in n_per_class}
     result.update({f"lowshot_linear_{n}shot": linear[n] for n in n_per_class})
     return result

@@ -65,7 +65,7 @@ def breeds_split(sub, sup, split: str = "rand", seed: int = 0) -> tuple[list[int
 
 
 def subpopulation_shift(train_x, train_sub, train_super, test_x, test_sub, test_super, split: str = "rand",
-                        seed: int = 0, l2_grid=None) -> dict[str, float]:
+                        seed: int = 0, l2_grid=None, max_iter: int = 500) -> dict[str, float]:
     """``{"source_acc", "target_acc", "gap"}`` of a super-class probe fit on the source sub-classes.
 
     The split is ``breeds_split`` of the train and test hierarchy together; ``seed`` also seeds the probe's
@@ -88,7 +88,7 @@ def subpopulation_shift(train_x, train_sub, train_super, test_x, test_sub, test_
     test_rows = source_rows | target_rows
     fit = linear_probe(train_x[fit_rows.to(train_x.device)], train_super[fit_rows],
                        test_x[test_rows.to(test_x.device)], test_super[test_rows], l2_grid=l2_grid, seed=seed,
-                       return_probabilities=True)
+                       max_iter=max_iter, return_probabilities=True)
     correct = (fit["predictions"].cpu() == test_super[test_rows]).double()
     in_source = source_rows[test_rows]
     source_acc, target_acc = float(correct[in_source].mean()), float(correct[~in_source].mean())
@@ -99,7 +99,7 @@ def shift_metrics(bank, query, settings) -> dict[str, float]:
     """Suite adapter: BREEDS shift with the bank as train and the query set as test.
 
     Both feature sets carry ``label`` = sub-class and ``superclass``; settings used: ``shift_split``, ``seed``,
-    ``probe_l2_grid``. Keys ``shift_source_acc``, ``shift_target_acc``, ``shift_gap``.
+    ``probe_l2_grid``, ``probe_max_iter``. Keys ``shift_source_acc``, ``shift_target_acc``, ``shift_gap``.
     """
     if not has_single_labels(query, "subpopulation shift"):
         return {}
@@ -109,5 +109,6 @@ def shift_metrics(bank, query, settings) -> dict[str, float]:
                              "'superclass' (use a dataset with super-classes, e.g. CIFAR-100 coarse/fine)")
     result = subpopulation_shift(bank["embedding"], bank["label"], bank["superclass"], query["embedding"],
                                  query["label"], query["superclass"], split=settings.shift_split,
-                                 seed=settings.seed, l2_grid=settings.probe_l2_grid)
+                                 seed=settings.seed, l2_grid=settings.probe_l2_grid,
+                                 max_iter=settings.probe_max_iter)
     return {f"shift_{key}": value for key, value in result.items()}

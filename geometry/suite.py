@@ -69,6 +69,9 @@ class MetricSettings:
         fewshot_episodes: Episodes averaged (the 95% interval is over episodes).
         probe_l2_grid: L2 strengths the linear probe chooses from on a holdout of the bank; None: the probe's
             own grid (one value per decade, ``geometry.linear_probe.DEFAULT_L2_GRID``).
+        probe_max_iter: L-BFGS iterations allowed to each linear-probe fit (every head of the l2 sweep, the refit,
+            the shift and low-shot probes); a fit stops earlier when max |gradient| < 1e-4. scikit-learn's
+            ``LogisticRegression`` default is 100.
         seed: Seed of k-means, the probe's holdout split, few-shot episodes and every sampled subset.
         uniformity_t: Temperature t of the uniformity loss (Wang & Isola: 2).
         similarity_k: Neighbours of mutual kNN and CKNNA.
@@ -90,6 +93,7 @@ class MetricSettings:
     fewshot_queries: int = 15
     fewshot_episodes: int = 600
     probe_l2_grid: tuple[float, ...] | None = None
+    probe_max_iter: int = 500
     seed: int = 0
     uniformity_t: float = 2.0
     similarity_k: int = 10
@@ -111,6 +115,8 @@ class MetricSettings:
             raise ValueError(f"settings.knn_ks must be positive integers, got {list(self.knn_ks)}")
         if self.knn_temperature is not None and self.knn_temperature <= 0:
             raise ValueError(f"settings.knn_temperature must be > 0, got {self.knn_temperature}")
+        if self.probe_max_iter < 1:
+            raise ValueError(f"settings.probe_max_iter must be >= 1, got {self.probe_max_iter}")
         if self.kmeans_n_init < 1:
             raise ValueError(f"settings.kmeans_n_init must be >= 1, got {self.kmeans_n_init}")
 

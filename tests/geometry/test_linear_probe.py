@@ -74,11 +74,29 @@ def test_regularisation_path_equals_stacked_heads(split, monkeypatch):
 
     probe_loss_and_grad = probe.loss_and_grad
     monkeypatch.setattr(probe, "_PATH_MIN_WORK", 0)
+    monkeypatch.setattr(probe, "_STACKED_MAX_COLUMNS", 0)
     monkeypatch.setattr(probe, "loss_and_grad", recording)
     path = fit_logistic(x, y, grid, tol=1e-7, max_iter=2000)
     assert set(evaluated) == {1}  # one head at a time: the path ran
     for g in range(len(grid)):
         torch.testing.assert_close(path.logits(x)[g], stacked.logits(x)[g], atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_l2, path", [(8, False), (30, True)])
+def test_large_sweeps_stack_narrow_heads_and_run_wide_ones_as_a_path(n_l2, path, monkeypatch):
+    """Above the work threshold the sweep is a path only when the stacked heads would be wide (> 96 logit
+    columns): 8 heads x 4 classes stack, 30 heads x 4 classes run one at a time."""
+    import geometry.linear_probe as probe
+
+    sizes = []
+    real = probe.loss_and_grad
+    monkeypatch.setattr(probe, "_PATH_MIN_WORK", 0)
+    monkeypatch.setattr(probe, "loss_and_grad", lambda x, t, points, *a: sizes.append(len(points)) or real(x, t, points, *a))
+    generator = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 4
+    x = torch.randn(200, 5, generator=generator) + y[:, None].float()
+    fit_logistic(x, y, torch.logspace(-4, 0, n_l2).tolist(), max_iter=3)
+    assert (set(sizes) == {1}) == path
 
 
 @pytest.mark.parametrize("heads, classes", [(1, 10), (1, 3), (2, 10), (4, 20)])
@@ -190,9 +208,34 @@ def test_regularisation_path_with_a_communicator_equals_one_process(split, monke
     from geometry.comm import LocalComm
 
     monkeypatch.setattr(probe, "_PATH_MIN_WORK", 0)
+    monkeypatch.setattr(probe, "_STACKED_MAX_COLUMNS", 0)
     x = torch.from_numpy(standardize(split[0], split[0])[0][:400]).float()
     y = torch.from_numpy(split[1][:400])
     alone = fit_logistic(x, y, [1e-3, 1e-1], max_iter=50)
     summed = fit_logistic(x, y, [1e-3, 1e-1], max_iter=50, comm=LocalComm())
     assert torch.equal(alone.n_iter, summed.n_iter)
     torch.testing.assert_close(summed.logits(x), alone.logits(x), atol=1e-4, rtol=1e-4)
+
+
+def test_every_suite_probe_fits_with_settings_probe_max_iter(monkeypatch):
+    """linear, shift and lowshot all hand ``settings.probe_max_iter`` to every logistic fit they make."""
+    import geometry.linear_probe as module
+    from geometry.suite import MetricSettings, evaluate_features
+
+    caps = []
+    real_fit = module.fit_logistic
+
+    def spy(*args, max_iter=500, **kwargs):
+        caps.append(max_iter)
+        return real_fit(*args, max_iter=max_iter, **kwargs)
+
+    monkeypatch.setattr(module, "fit_logistic", spy)
+    generator = torch.Generator().manual_seed(0)
+    label = torch.arange(120) % 4
+    make = lambda n: {"embedding": torch.randn(n, 6, generator=generator) + label[:n, None].float(),  # noqa: E731
+                      "label": label[:n], "superclass": label[:n] // 2, "index": torch.arange(n)}
+    settings = MetricSettings(probe_max_iter=7, probe_l2_grid=(1e-3, 1e-1), lowshot_n_per_class=(2,),
+                              lowshot_n_tries=1, bootstrap_n=0)
+    result = evaluate_features(make(120), make(80), ["linear", "shift", "lowshot"], settings)
+    assert {"linear_probe_acc", "shift_gap", "lowshot_linear_2shot"} <= set(result)
+    assert len(caps) >= 5 and set(caps) == {7}

@@ -81,7 +81,7 @@ def test_adapter_keys(data):
     as_set = lambda x, y: {"embedding": torch.from_numpy(x), "label": torch.from_numpy(y),  # noqa: E731
                            "index": torch.arange(len(y))}
     settings = SimpleNamespace(lowshot_n_per_class=(1, 5), lowshot_n_tries=2, seed=0, knn_ks=(10, 20),
-                               knn_temperature=0.07)
+                               knn_temperature=0.07, probe_max_iter=500)
     result = lowshot_metrics(as_set(bank, bank_y), as_set(queries, query_y), settings)
     assert sorted(result) == ["lowshot_knn_1shot", "lowshot_knn_5shot", "lowshot_linear_1shot",
                               "lowshot_linear_5shot"]
@@ -96,7 +96,8 @@ def test_multilabel_data_is_skipped_with_a_warning():
 
     multi = {"embedding": torch.randn(30, 4), "label": torch.randint(0, 2, (30, 3)), "index": torch.arange(30)}
     settings = SimpleNamespace(lowshot_n_per_class=(1,), lowshot_n_tries=1, seed=0, knn_ks=(10,),
-                               knn_temperature=0.07, triplets_n=10, shift_split="rand", probe_l2_grid=None)
+                               knn_temperature=0.07, triplets_n=10, shift_split="rand", probe_l2_grid=None,
+                               probe_max_iter=500)
     for metric in (lowshot_metrics, oddoneout_metrics, shift_metrics):
         with pytest.warns(UserWarning, match="multi-label"):
             assert metric(multi, multi, settings) == {}

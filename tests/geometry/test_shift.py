@@ -77,7 +77,7 @@ def test_adapter_keys_and_errors(data):
             "superclass": torch.from_numpy(train_sup), "index": torch.arange(len(train_x))}
     query = {"embedding": torch.from_numpy(test_x), "label": torch.from_numpy(test_sub),
              "superclass": torch.from_numpy(test_sup), "index": torch.arange(len(test_x))}
-    settings = SimpleNamespace(shift_split="rand", seed=0, probe_l2_grid=(1e-3,))
+    settings = SimpleNamespace(shift_split="rand", seed=0, probe_l2_grid=(1e-3,), probe_max_iter=500)
     result = shift_metrics(bank, query, settings)
     direct = subpopulation_shift(train_x, train_sub, train_sup, test_x, test_sub, test_sup, l2_grid=(1e-3,))
     assert result == {f"shift_{key}": value for key, value in direct.items()}

@@ -124,6 +124,8 @@ def test_settings_validate_and_normalise_lists():
         MetricSettings(knn_ks=(0,))
     with pytest.raises(ValueError, match="settings.knn_temperature"):
         MetricSettings(knn_temperature=0.0)
+    with pytest.raises(ValueError, match="settings.probe_max_iter"):
+        MetricSettings(probe_max_iter=0)
 
 
 def test_every_builtin_resolves_and_multilabel_is_skipped_with_a_warning():
