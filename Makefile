@@ -38,7 +38,7 @@ browser:
 PYTEST := HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider
 
 # Everything (what CI runs). Most tests run one torch thread, so the slow tier (subprocesses, DDP, whole runs) and
-# the rest run side by side, one per core: 8 min 44 s to 9 min 28 s on 2 idle cores (the slow tier; the rest takes 1.5 min beside
+# the rest run side by side, one per core: 8 min 44 s to 9 min 44 s on 2 idle cores (the slow tier; the rest takes 1.5 min beside
 # it, 10 min one after the other). The slow tier's log is printed
 # when both are done; the command fails if either does.
 test: $(STAMP) browser
