@@ -16,8 +16,9 @@ curvature estimate mixes heads of very different conditioning (8000 x 128 x 30 c
 the slowest head alone needs ~40). Large problems with many classes on CPU, where an evaluation is all matmul,
 run the grid as a regularisation path instead (one head at a time from the largest l2 down, each warm-started
 from the previous one: fewer evaluations in all); with few classes the stacked heads' product is barely dearer
-than one head's, and stacking wins. The optimiser and the evaluation live in ``geometry.logistic_lbfgs``. The grid is scored on a seeded stratified holdout of the *train* features;
-the test features are touched only once, by the final refit on all train features.
+than one head's, and stacking wins. The optimiser and the evaluation live in ``geometry.logistic_lbfgs``. The
+grid is scored on a seeded stratified holdout of the *train* features; the test features are touched only once,
+by the final refit on all train features.
 
 Multi-label data gets one binary probe per label (``multilabel_linear_probe``); the k-shot probe
 (``lowshot_linear_probe_accuracy``) fits n samples per class with one fixed l2.
@@ -53,7 +54,7 @@ _PATH_MIN_WORK = 1e8
 # ... unless all heads together have at most this many logit columns: narrow products leave the matmul kernels
 # idle, so stacking costs little. 48k x 1280, one evaluation: 10 classes, 8 heads 140 ms vs one head 93 ms;
 # 20 classes 250 vs 74 ms; 100 classes 1,081 vs 189 ms. Lite0@random's Fashion-MNIST sweep (ill-conditioned:
-# 500 iterations for the four weakest heads): stacked 94 s, path 2,752 head-iterations.
+# 500 iterations for the four weakest heads): stacked 94 s, path 348 s (2,752 head-iterations).
 _STACKED_MAX_COLUMNS = 96
 
 

@@ -16,7 +16,8 @@ def lowshot_metrics(bank, query, settings) -> dict[str, float]:
     """``lowshot_knn_{n}shot`` and ``lowshot_linear_{n}shot`` for every n of ``settings.lowshot_n_per_class``.
 
     kNN uses the smallest k of ``settings.knn_ks`` (clipped to the subset size) and ``knn_temperature``; the
-    probe uses its fixed low-shot l2 (see ``lowshot_linear_probe_accuracy``) and ``probe_max_iter``. Seeded by ``settings.seed``.
+    probe uses its fixed low-shot l2 (see ``lowshot_linear_probe_accuracy``) and ``probe_max_iter``. Seeded by
+    ``settings.seed``.
     """
     if not has_single_labels(query, "low-shot"):
         return {}
