@@ -38,12 +38,12 @@ browser:
 PYTEST := HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -p no:cacheprovider
 
 # Everything (what CI runs). Most tests run one torch thread, so the slow tier (subprocesses, DDP, whole runs) and
-# the rest run side by side, one per core: 8 min 44 s to 9 min 44 s on 2 idle cores (the slow tier; the rest takes 1.5 min beside
+# the rest run side by side, one per core: 8 min 44 s to 10 min 54 s on 2 cores at load 1.1-1.9 (the slow tier; the rest takes 1.5 min beside
 # it, 10 min one after the other). The slow tier's log is printed
 # when both are done; the command fails if either does.
 test: $(STAMP) browser
 	$(PY) -m ruff check .
-	@$(PYTEST) -m slow > .pytest-slow.log 2>&1 & slow=$$!; \
+	@$(PYTEST) -m slow --durations=12 > .pytest-slow.log 2>&1 & slow=$$!; \
 	$(PYTEST) -m "not slow"; fast=$$?; \
 	wait $$slow; status=$$?; echo "--- slow tier (subprocess, DDP, whole runs):"; cat .pytest-slow.log; \
 	rm -f .pytest-slow.log; [ $$fast -eq 0 ] && [ $$status -eq 0 ]
