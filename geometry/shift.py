@@ -69,7 +69,7 @@ def subpopulation_shift(train_x, train_sub, train_super, test_x, test_sub, test_
     """``{"source_acc", "target_acc", "gap"}`` of a super-class probe fit on the source sub-classes.
 
     The split is ``breeds_split`` of the train and test hierarchy together; ``seed`` also seeds the probe's
-    l2 holdout. ``l2_grid`` is passed to ``linear_probe`` (None: its default grid).
+    l2 holdout. ``l2_grid`` and ``max_iter`` are passed to ``linear_probe`` (None: its default grid).
     """
     train_x, test_x = as_features(train_x, "train_x"), as_features(test_x, "test_x")
     train_sub = as_labels(train_sub, train_x.shape[0], "train_sub").cpu()
