@@ -63,30 +63,46 @@ def silhouette_score(x, labels, metric: str = "euclidean", chunk_size: int | Non
     metric: ``"euclidean"`` or ``"cosine"`` (1 - cosine similarity). Samples alone in their cluster score 0.
     Distances in the input precision, sums in float64; rows are processed in chunks against all samples.
     """
+    return silhouette_scores(x, [labels], metric, chunk_size)[0]
+
+
+def silhouette_scores(x, labelings, metric: str = "euclidean", chunk_size: int | None = None) -> list[float]:
+    """``silhouette_score`` of the same samples under several labelings, from one pass over the distances.
+
+    The distance blocks are the cost (O(N^2 D)); each labeling adds only its per-cluster sums, so the
+    hierarchy's sub-class and super-class silhouettes cost one pass instead of two (Fashion-MNIST's 10,000 test
+    embeddings of 80 dims: 2 x 0.49 s before). Each result equals ``silhouette_score(x, labels, metric)``
+    bit for bit.
+    """
     x = _prepare(as_features(x), metric)
-    labels = as_labels(labels, x.shape[0])
-    _, cluster = torch.unique(labels.to(x.device), return_inverse=True)
-    n, n_clusters = x.shape[0], int(cluster.max()) + 1
-    if not 2 <= n_clusters <= n - 1:
-        raise ValueError(f"silhouette needs 2 <= number of labels <= n_samples - 1, got {n_clusters} labels "
-                         f"for {n} samples")
-    sizes = torch.bincount(cluster, minlength=n_clusters).double()
+    n = x.shape[0]
+    clusters, sizes = [], []
+    for labels in labelings:
+        labels = as_labels(labels, n)
+        _, cluster = torch.unique(labels.to(x.device), return_inverse=True)
+        n_clusters = int(cluster.max()) + 1
+        if not 2 <= n_clusters <= n - 1:
+            raise ValueError(f"silhouette needs 2 <= number of labels <= n_samples - 1, got {n_clusters} labels "
+                             f"for {n} samples")
+        clusters.append(cluster)
+        sizes.append(torch.bincount(cluster, minlength=n_clusters).double())
     x_sq = squared_norms(x) if metric == "euclidean" else None
-    total = 0.0
+    totals = [0.0] * len(clusters)
     step = rows_per_chunk(n, x.device, chunk_size)
     for start in range(0, n, step):
         rows = torch.arange(start, min(start + step, n), device=x.device)
         dist = distance_block(x[rows], x, metric, b_sq=x_sq).double()
         dist[torch.arange(len(rows), device=x.device), rows] = 0.0  # self-distance, as scikit-learn
-        per_cluster = torch.zeros(len(rows), n_clusters, dtype=torch.float64, device=x.device)
-        per_cluster.index_add_(1, cluster, dist)
-        own = cluster[rows].unsqueeze(1)
-        intra = per_cluster.gather(1, own).squeeze(1) / (sizes[own.squeeze(1)] - 1)
-        mean_to = (per_cluster / sizes).scatter_(1, own, float("inf"))
-        inter = mean_to.min(dim=1).values
-        score = (inter - intra) / torch.maximum(intra, inter)
-        total += float(torch.nan_to_num(score, nan=0.0).sum())  # singletons (0/0) score 0
-    return total / n
+        for i, (cluster, size) in enumerate(zip(clusters, sizes)):
+            per_cluster = torch.zeros(len(rows), len(size), dtype=torch.float64, device=x.device)
+            per_cluster.index_add_(1, cluster, dist)
+            own = cluster[rows].unsqueeze(1)
+            intra = per_cluster.gather(1, own).squeeze(1) / (size[own.squeeze(1)] - 1)
+            mean_to = (per_cluster / size).scatter_(1, own, float("inf"))
+            inter = mean_to.min(dim=1).values
+            score = (inter - intra) / torch.maximum(intra, inter)
+            totals[i] += float(torch.nan_to_num(score, nan=0.0).sum())  # singletons (0/0) score 0
+    return [total / n for total in totals]
 
 
 def _centroid_distances(a: Tensor, b: Tensor, metric: str) -> Tensor:
@@ -170,10 +186,10 @@ def hierarchy_metrics(x, sub_labels, super_labels, novel_mask=None, metric: str 
         "centroid_dist_same_super": float(same_d),
         "centroid_dist_other_super": float(other_d),
         "centroid_dist_ratio": float(same_d / other_d),
-        "silhouette_sub": silhouette_score(points[known_rows], sub[known_rows], metric),
-        "silhouette_super": silhouette_score(points[known_rows], sup[known_rows], metric),
         "known_tightness": float(known_tightness),
     }
+    out["silhouette_sub"], out["silhouette_super"] = silhouette_scores(
+        points[known_rows], [sub[known_rows], sup[known_rows]], metric)
     if len(novel_subs) == 0:
         return out
 

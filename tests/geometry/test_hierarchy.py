@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import silhouette_score as sklearn_silhouette
 
-from geometry.hierarchy import hierarchy_metrics, silhouette_score
+from geometry.hierarchy import hierarchy_metrics, silhouette_score, silhouette_scores
 
 # Known sub-classes: 0, 1 in super-class 0 at x = 0 and 1; 2, 3 in super-class 1 at x = 10 and 11.
 # Novel sub-class 4 belongs to super-class 0 and sits above it; novel 5 belongs to super-class 1 but sits
@@ -113,6 +113,20 @@ def test_silhouette_equals_sklearn(metric, dtype):
     ours = silhouette_score(torch.from_numpy(x).to(dtype), torch.from_numpy(labels), metric=metric, chunk_size=64)
     ref = sklearn_silhouette(x.astype(np.float64), labels, metric=metric)
     assert ours == pytest.approx(ref, abs=1e-9 if dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_silhouettes_of_several_labelings_from_one_pass_equal_each_alone(metric):
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.normal(size=(250, 6)) + 5.0).float()
+    fine = torch.from_numpy(rng.integers(0, 9, 250))
+    coarse = fine // 3
+    both = silhouette_scores(x, [fine, coarse], metric=metric, chunk_size=40)
+    assert both == [silhouette_score(x, fine, metric=metric, chunk_size=40),
+                    silhouette_score(x, coarse, metric=metric, chunk_size=40)]  # bit for bit
+    assert both[1] == pytest.approx(sklearn_silhouette(x.double().numpy(), coarse.numpy(), metric=metric), abs=1e-4)
+    with pytest.raises(ValueError, match="labels"):
+        silhouette_scores(x, [fine, torch.zeros(250, dtype=torch.long)], metric=metric)
 
 
 def test_structural_errors():
