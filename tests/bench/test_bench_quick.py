@@ -55,9 +55,11 @@ def test_results_file_keeps_the_other_device_and_rows_not_rerun(tmp_path):
     path = tmp_path / "RESULTS.md"
     order = list(BENCHMARKS)
     update_results(path, "cuda", [_result("knn", 0.5)], ["knn"], order)
-    update_results(path, "cpu", [_result("knn", 1.0), _result("cka", 3.0)], ["knn", "cka"], order)
+    update_results(path, "cpu", [_result("knn", 1.0), _result("cka", 3.0)], ["knn", "cka"], order,
+                   loads={"knn": (1.0, 2.0), "cka": (2.0, 3.0)}, when="2026-11-01 10:00")
     path.write_text(path.read_text() + "\n## Notes\nhand-written\n")
-    update_results(path, "cpu", [_result("cka", 4.0)], ["cka"], order)  # --only cka
+    update_results(path, "cpu", [_result("cka", 4.0)], ["cka"], order, loads={"cka": (0.5, 0.7)},
+                   when="2026-11-02 11:00")  # --only cka
     text = path.read_text()
     cpu = text.split("<!-- results:cpu:start -->")[1].split("<!-- results:cpu:end -->")[0]
     gpu = text.split("<!-- results:cuda:start -->")[1].split("<!-- results:cuda:end -->")[0]
@@ -66,3 +68,9 @@ def test_results_file_keeps_the_other_device_and_rows_not_rerun(tmp_path):
     assert cpu.index("| knn |") < cpu.index("| cka |")
     assert "## GPU" in gpu and "| knn | knn case | 500.0 ms |" in gpu
     assert text.rstrip().endswith("hand-written")
+    # the rows kept from the first run keep that run's time and load; the rerun's rows get their own
+    assert "Runs 2026-11-01 10:00 (knn), 2026-11-02 11:00 (cka)." in cpu
+    assert "knn 1.0 -> 2.0, cka 0.5 -> 0.7" in cpu
+    update_results(path, "cpu", [_result("knn", 1.5)], ["knn"], order, when="2026-11-03 12:00")
+    cpu = path.read_text().split("<!-- results:cpu:start -->")[1]
+    assert "Runs 2026-11-02 11:00 (cka), 2026-11-03 12:00 (knn)." in cpu and "cka 0.5 -> 0.7" in cpu
