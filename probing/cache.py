@@ -132,7 +132,7 @@ class FeatureCache:
         return features
 
     # -- reading ------------------------------------------------------------------------------------
-    def load(self, key: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    def load(self, key: dict[str, Any]) -> StoredFeatures | None:
         """The cached features of ``key``, or None when absent, disabled, rebuilding or invalid."""
         if not self.enabled or self.rebuild:
             return None
@@ -149,7 +149,7 @@ class FeatureCache:
         self.stats["hits"] += 1
         return features
 
-    def _read_valid(self, path: Path, key: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _read_valid(self, path: Path, key: dict[str, Any]) -> StoredFeatures:
         from safetensors.torch import load as load_safetensors
 
         try:
@@ -174,11 +174,21 @@ class FeatureCache:
         rows = {len(value) for value in features.values()}
         if missing or len(rows) != 1 or features["embedding"].ndim != 2:
             raise CorruptCacheEntry(f"inconsistent tensors (missing {missing}, row counts {sorted(rows)})")
-        return features
+        return StoredFeatures(features, meta["sha256"])
 
     # -- writing ------------------------------------------------------------------------------------
     def save(self, key: dict[str, Any], features: dict[str, torch.Tensor]) -> Path | None:
         """Store ``features`` under ``key`` (features file first, then the sidecar that validates it)."""
+        written = self._write(key, features)
+        return None if written is None else written[0]
+
+    def stored(self, key: dict[str, Any], features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``save``, then the features as the cache will serve them (``StoredFeatures`` with the file's digest),
+        or unchanged when nothing was written (cache off, read-only, a failed write)."""
+        written = self._write(key, features)
+        return features if written is None else StoredFeatures(features, written[1])
+
+    def _write(self, key: dict[str, Any], features: dict[str, torch.Tensor]) -> tuple[Path, str] | None:
         if not self.enabled or not self.writable:
             return None
         from safetensors.torch import save as save_safetensors
@@ -187,7 +197,8 @@ class FeatureCache:
         tensors = {name: value.detach().cpu().contiguous() for name, value in features.items()}
         data = save_safetensors(tensors, metadata={"fmprobe_cache_format": str(CACHE_FORMAT),
                                                    "key": canonical_json(key)})
-        sidecar = {"format": CACHE_FORMAT, "key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+        sha256 = hashlib.sha256(data).hexdigest()
+        sidecar = {"format": CACHE_FORMAT, "key": key, "size": len(data), "sha256": sha256,
                    "rows": int(tensors["embedding"].shape[0]), "dim": int(tensors["embedding"].shape[1]),
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         try:
@@ -202,4 +213,18 @@ class FeatureCache:
             self.stats["write_failed"] += 1
             return None
         self.stats["written"] += 1
-        return path
+        return path, sha256
+
+
+class StoredFeatures(dict):
+    """A feature set as the cache stores it: the tensors, and ``content_digest`` naming their content.
+
+    The digest is the sha256 of the cache file (its tensors' names, dtypes, shapes and bytes, and the entry's key),
+    which the cache computes anyway to verify a read; the metric result cache keys on it
+    (``probing.result_cache.tensor_digest``) instead of hashing the tensors a second time. Copies and
+    derived dicts are plain dicts again, and are hashed.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], file_sha256: str):
+        super().__init__(tensors)
+        self.content_digest = f"cache-file-sha256:{file_sha256}"

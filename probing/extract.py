@@ -317,8 +317,8 @@ class FeatureCollector:
         else:
             features, source = self.runner(backbone, dataset, datamodule.make_loader, blocks, what), \
                 "extracted"
-            for layer, key in keys.items():
-                self.cache.save(key, features[layer])
+            for layer, key in keys.items():  # stored as the cache serves them again (with the file's digest)
+                features[layer] = self.cache.stored(key, features[layer])
         self.log.append({"backbone": backbone_key["id"], "dataset": dataset_key["label"], "split": split,
                          "n": len(dataset), "source": source,
                          "seconds": round(time.perf_counter() - start, 3)})

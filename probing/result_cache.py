@@ -69,9 +69,14 @@ def code_digest(metric: str) -> str:
 
 
 def tensor_digest(features: dict[str, torch.Tensor] | None) -> str | None:
-    """sha256 of a feature set: every field's name, dtype, shape and bytes, fields in sorted order."""
+    """sha256 of a feature set: every field's name, dtype, shape and bytes, fields in sorted order; for a set read
+    from or written to the feature cache, the cache file's digest (``probing.cache.StoredFeatures``), which names
+    the same content without reading it again (5.5 s of 7.6 GB in a full-size ``configs/probe_real.yaml`` run)."""
     if features is None:
         return None
+    stored = getattr(features, "content_digest", None)
+    if stored is not None:
+        return stored
     digest = hashlib.sha256()
     for name in sorted(features):
         value = features[name].detach().cpu().contiguous()
@@ -93,10 +98,12 @@ class ResultCache:
         """The result cache in a ``probing.cache.FeatureCache``'s folder, with its on / rebuild / writable state."""
         return cls(features_cache.root, features_cache.enabled, features_cache.rebuild, features_cache.writable)
 
-    def key(self, metric: str, settings, digests: dict[str, str | None]) -> str:
-        """The digest naming one result: feature-set digests (``bank``, ``query``, ``novel``), metric, settings."""
+    def key(self, metric: str, settings, digests: dict[str, Any]) -> str:
+        """The digest naming one result: feature-set digests (``bank``, ``query``, ``novel``), metric, settings
+        (None for a result that does not read them, e.g. CKA matrices)."""
         return hashlib.sha256(canonical_json({
-            "format": RESULT_FORMAT, "metric": metric, "settings": asdict(settings), "features": digests,
+            "format": RESULT_FORMAT, "metric": metric, "settings": None if settings is None else asdict(settings),
+            "features": digests,
             "code": code_digest(metric)}).encode()).hexdigest()
 
     def path_for(self, key: str) -> Path:

@@ -44,6 +44,25 @@ def test_round_trip_and_stats(tmp_path):
     assert cache.path_for({**_key(), "backbone": {"id": "tiny@random", "fingerprint": "xyz"}}) != path
 
 
+def test_stored_and_loaded_features_carry_the_file_digest_the_result_cache_keys_on(tmp_path):
+    from probing.result_cache import tensor_digest
+
+    cache = FeatureCache(tmp_path)
+    written = cache.stored(_key(), _features())
+    loaded = cache.load(_key())
+    _assert_same(written, _features())
+    meta = json.loads(cache.sidecar(cache.path_for(_key())).read_text())
+    assert written.content_digest == loaded.content_digest == f"cache-file-sha256:{meta['sha256']}"
+    assert tensor_digest(loaded) == tensor_digest(written) == loaded.content_digest
+    # another entry's content has another digest; a derived plain dict is hashed from its tensors
+    other = cache.stored(_key("block00"), {**_features(), "embedding": _features()["embedding"] + 1})
+    assert tensor_digest(other) != tensor_digest(loaded)
+    assert tensor_digest(dict(loaded)) == tensor_digest(_features()) != loaded.content_digest
+    # nothing written (cache off): the features come back unchanged, without a digest
+    off = FeatureCache(tmp_path / "off", enabled=False).stored(_key(), _features())
+    assert not hasattr(off, "content_digest")
+
+
 def _damage(path, how: str) -> None:
     data = bytearray(path.read_bytes())
     if how == "truncate":

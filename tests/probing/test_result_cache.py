@@ -10,7 +10,7 @@ import torch
 import probing.result_cache as result_cache
 from geometry.stats import BalancedAccuracy, PerQuery
 from geometry.suite import MetricSettings
-from probing.evaluate import layer_metrics
+from probing.evaluate import cached_cka_matrix, cka_matrix, layer_metrics
 from probing.result_cache import ResultCache, tensor_digest
 
 
@@ -94,6 +94,25 @@ def test_layer_metrics_serves_the_second_call_from_the_cache(tmp_path, monkeypat
     assert set(per_query) == set(first_per_query)
     for name, item in per_query.items():
         assert torch.equal(item.values, first_per_query[name].values), name
+
+
+def test_cka_matrices_are_served_from_the_cache_for_the_same_sets_only(tmp_path, monkeypatch):
+    cache = ResultCache(tmp_path)
+    splits = _splits()
+    sets = [splits["query"]["final"], {**splits["query"]["final"], "embedding": splits["query"]["final"]["embedding"] ** 2}]
+    first = cached_cka_matrix(sets, debiased=False, results=cache)
+    assert first == cka_matrix([s["embedding"] for s in sets], debiased=False)  # the same numbers, stored
+    assert cache.stats["written"] == 1 and 0.0 < first[0][1] < 1.0
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("computed although cached")
+
+    monkeypatch.setattr("probing.evaluate.cka_matrix", must_not_run)
+    assert cached_cka_matrix([dict(s) for s in sets], debiased=False, results=cache) == first
+    with pytest.raises(AssertionError, match="computed although cached"):  # debiased is another result
+        cached_cka_matrix(sets, debiased=True, results=cache)
+    with pytest.raises(AssertionError, match="computed although cached"):  # so is another order of the sets
+        cached_cka_matrix(sets[::-1], debiased=False, results=cache)
 
 
 def test_rebuild_disabled_and_damaged_entries_compute_again(tmp_path, caplog):
