@@ -32,9 +32,12 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from datamodules.base import BaseDataModule, Splits, Subset, TransformDataset
 from datamodules.cifar import ArraySource
+from datamodules.sampling import make_sample
+from datamodules.transforms import EvalTransform
 
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 #: split -> (images file, labels file), without the ``.gz`` they are distributed with
@@ -118,6 +121,23 @@ class FilePositionDataset(TransformDataset):
         sample = super().__getitem__(key)
         sample["index"] = int(self.positions[key[0] if isinstance(key, tuple) else key])
         return sample
+
+    def __getitems__(self, keys: list) -> list[dict]:
+        """A DataLoader batch. Un-augmented (the eval transform, default decoding), the grey images are stacked
+        and resized in one call: the same samples as one by one, bit for bit, without a PIL image and a kernel
+        call per image (a probe.py extraction's loader worker spent ~19 s of CPU per network on Fashion-MNIST's
+        70,000 images, beside a ~35 s forward pass on the same 2 cores). Anything else goes one by one."""
+        if not (isinstance(self.transform, EvalTransform) and getattr(self.decode, "__func__", None)
+                is BaseDataModule.decode and all(isinstance(key, (int, np.integer)) for key in keys)):
+            return [self[key] for key in keys]
+        items = [self.source[key] for key in keys]
+        grey = [np.asarray(item[0]) for item in items]
+        if any(image.dtype != np.uint8 or image.ndim != 2 or image.shape != grey[0].shape for image in grey):
+            return [self[key] for key in keys]
+        # to_rgb_image's grey -> RGB (the value in every channel), then pil_to_tensor's (C, H, W) layout
+        rgb = torch.from_numpy(np.stack(grey)).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+        images = self.transform.batch(rgb)
+        return [make_sample(image, item, int(self.positions[key])) for image, item, key in zip(images, items, keys)]
 
 
 class _IdxDataModule(BaseDataModule):

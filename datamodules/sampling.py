@@ -33,17 +33,22 @@ class TransformDataset(Dataset):
     def __getitem__(self, key) -> dict:
         index, seed = key if isinstance(key, tuple) else (key, None)
         item = self.source[index]
-        image, label = self.decode(item[0]), item[1]
+        image = self.decode(item[0])
         if seed is None:
             image = self.transform(image)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 image = self.transform(image)
-        sample = {"image": image, "label": torch.as_tensor(label), "index": index}
-        if len(item) > 2 and item[2] is not None:
-            sample["superclass"] = int(item[2])
-        return sample
+        return make_sample(image, item, index)
+
+
+def make_sample(image: torch.Tensor, item: Sequence, index: int) -> dict:
+    """The batch entry of one source item ``(image, label[, superclass])`` whose image is already transformed."""
+    sample = {"image": image, "label": torch.as_tensor(item[1]), "index": index}
+    if len(item) > 2 and item[2] is not None:
+        sample["superclass"] = int(item[2])
+    return sample
 
 
 class EpochSampler(Sampler):

@@ -92,6 +92,28 @@ def test_index_is_the_position_in_the_official_file_after_val_split_and_limit_da
     assert sorted(dm.train_dataset()[i]["index"] for i in range(12)) == list(range(12))
 
 
+@pytest.mark.parametrize("size", [8, 5, 3])  # the 5 px fakes enlarged, as stored (no resize), shrunk
+def test_a_loader_batch_is_resized_at_once_and_equals_the_samples_one_by_one(tmp_path, size):
+    write_idx_folder(tmp_path)
+    dm = FashionMNISTDataModule(root=str(tmp_path), num_workers=0, val_fraction=0.25, limit_data=30, seed=1,
+                                preprocessing={"input_size": size, "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)})
+    for dataset in (dm.bank_dataset(), dm.test_dataset(), dm.val_dataset()):
+        keys = [5, 0, 3, 3, len(dataset) - 1]
+        one_by_one, batch = [dataset[k] for k in keys], dataset.__getitems__(keys)
+        assert len(batch) == len(keys)
+        for single, batched in zip(one_by_one, batch):
+            assert single.keys() == batched.keys() == {"image", "label", "index", "superclass"}
+            assert torch.equal(single["image"], batched["image"]) and batched["image"].shape == (3, size, size)
+            assert all(torch.equal(torch.as_tensor(single[k]), torch.as_tensor(batched[k]))
+                       for k in ("label", "index", "superclass"))
+        loader_batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
+        assert torch.equal(loader_batch["image"], torch.stack([dataset[k]["image"] for k in range(4)]))
+    # augmented training images go one by one (their random crops are drawn per sample)
+    augmented = FashionMNISTDataModule(root=str(tmp_path), num_workers=0, augmentation_strength=1,
+                                       preprocessing={"input_size": 8, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    assert not hasattr(augmented.train_dataset(), "__getitems__")
+
+
 @pytest.mark.parametrize("layout", ["plain", "torchvision"])
 def test_plain_files_and_torchvision_layout_are_found(tmp_path, layout):
     folder = tmp_path if layout == "plain" else tmp_path / "MNIST" / "raw"
