@@ -129,10 +129,8 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         config_text = parser.dump(cfg)
         instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
         settings = instantiate(cfg).settings
-    from cli.memory import keep_freed_memory
     from cli.startup import import_lightning
 
-    keep_freed_memory()  # large blocks reuse freed pages instead of faulting in fresh ones (cli/memory.py)
     import_lightning()  # without the two eager imports of torchmetrics that no code path here uses
     from probing.run import run_probe
 
@@ -141,5 +139,8 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     from cli.errors import run
+    from cli.memory import keep_freed_memory
 
+    # As a command only (each DDP rank runs this file too): a test or notebook calling main() keeps its allocator.
+    keep_freed_memory()  # large blocks reuse freed pages instead of faulting in fresh ones (cli/memory.py)
     run(main)  # errors as one line (--debug or FMPROBE_DEBUG=1: with the traceback)

@@ -17,14 +17,14 @@ below the heap's top is kept for reuse, not returned, and a block freed and aske
 does not fit its own hole (torch's 64-byte alignment asks a little more), so a loop of one size grows the heap
 a few times before it settles (that probe.py run's peak RSS 3.75 -> 4.08 GB).
 
-``probe.py`` calls it at start (train.py does not: its allocations are steadier and were not measured);
+``python probe.py`` calls it at start, as a command only (``probe.main()`` called from a test or a notebook leaves
+that process's allocator alone; train.py does not call it: its allocations are steadier and were not measured);
 ``FMPROBE_SYSTEM_MALLOC=1`` leaves glibc's defaults alone. Off glibc (macOS, musl) it does nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 
@@ -45,9 +45,10 @@ def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
     if os.environ.get(ENV, "").strip() not in ("", "0") or platform.libc_ver()[0] != "glibc":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold)) and bool(mallopt(_M_MMAP_MAX, 0))
+    if not mallopt(_M_MMAP_MAX, 0):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))

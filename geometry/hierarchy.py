@@ -182,14 +182,16 @@ def hierarchy_metrics(x, sub_labels, super_labels, novel_mask=None, metric: str 
         generator = torch.Generator().manual_seed(seed)
         pick = known_rows.nonzero().flatten().cpu()[torch.randperm(int(known_rows.sum()), generator=generator)]
         known_rows = pick[:silhouette_sample_size].to(x.device)
+    silhouette_sub, silhouette_super = silhouette_scores(points[known_rows], [sub[known_rows], sup[known_rows]],
+                                                         metric)
     out = {
         "centroid_dist_same_super": float(same_d),
         "centroid_dist_other_super": float(other_d),
         "centroid_dist_ratio": float(same_d / other_d),
+        "silhouette_sub": silhouette_sub,
+        "silhouette_super": silhouette_super,
         "known_tightness": float(known_tightness),
     }
-    out["silhouette_sub"], out["silhouette_super"] = silhouette_scores(
-        points[known_rows], [sub[known_rows], sup[known_rows]], metric)
     if len(novel_subs) == 0:
         return out
 

@@ -123,7 +123,9 @@ def cached_cka_matrix(sets: list[dict], debiased: bool, comm=None, results=None)
         return cka_matrix([s["embedding"] for s in sets], debiased, comm)
     from probing.result_cache import tensor_digest
 
-    key = results.key("cka_matrix", None, {"sets": [tensor_digest(s) for s in sets], "debiased": debiased})
+    # named by its dotted path, so the key covers this module's code (the cast, the choice of function) too
+    key = results.key("probing.evaluate.cka_matrix", None,
+                      {"sets": [tensor_digest(s) for s in sets], "debiased": debiased})
     found = results.load(key)
     n = len(sets)
     cells = [f"{i},{j}" for i in range(n) for j in range(n)]  # both triangles: each is computed, to the last bit

@@ -5,13 +5,15 @@ The feature cache saves the forward passes; on a real-size run the metrics then 
 metric) under a key of everything that determines it:
 
 - the content of the feature sets the metric reads: sha256 of every field (name, dtype, shape, bytes) of the
-  bank, the queries and, where extracted, the novel sub-classes; so any change of backbone, weights, data,
-  subset, precision or extraction code misses;
+  bank, the queries and, where extracted, the novel sub-classes (for sets read from or written to the feature
+  cache, the sha256 of the cache file the feature cache verified, which holds the same bytes and the entry's key);
+  so any change of backbone, weights, data, subset, precision or extraction code misses;
 - the metric's name and every evaluation setting (``MetricSettings``, seed included);
 - the code that computes it: the source of every file of ``geometry/`` (for a user's dotted-path metric, its
   module's file too). Any edit there misses, a conservative rule that never serves a stale number.
 
-Per-query vectors (for ``--compare``'s paired tests) are stored with the values. An entry is one safetensors file
+Per-query vectors (for ``--compare``'s paired tests) are stored with the values; probe.py's CKA matrices (layer x
+layer, backbone x backbone) are stored the same way, keyed by the digests of the sets they compare. An entry is one safetensors file
 (``<root>/.metric-results/<digest[:2]>/<digest>.safetensors``: the values and per-query kinds as metadata, the
 per-query vectors as tensors) written atomically; an unreadable or inconsistent entry is reported and computed
 again. ``--no_cache`` and ``--rebuild_cache`` act on it as on the features; sharded runs (each process holding a

@@ -108,6 +108,19 @@ def test_a_loader_batch_is_resized_at_once_and_equals_the_samples_one_by_one(tmp
                        for k in ("label", "index", "superclass"))
         loader_batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
         assert torch.equal(loader_batch["image"], torch.stack([dataset[k]["image"] for k in range(4)]))
+        # through torch's Subset (probe.py's --max_bank_size) and with numpy integer keys
+        subset = torch.utils.data.Subset(dataset, [4, 1, 2])
+        through = next(iter(torch.utils.data.DataLoader(subset, batch_size=3)))
+        assert torch.equal(through["image"], torch.stack([dataset[k]["image"] for k in (4, 1, 2)]))
+        assert through["index"].tolist() == [dataset[k]["index"] for k in (4, 1, 2)]
+        numpy_keys = dataset.__getitems__(list(np.array([2, 0])))
+        assert all(torch.equal(a["image"], dataset[k]["image"]) for a, k in zip(numpy_keys, (2, 0)))
+    plain = FashionMNISTDataModule(root=str(tmp_path), num_workers=0, superclasses=False,
+                                   preprocessing={"input_size": size, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    test = plain.test_dataset()
+    for batched, key in zip(test.__getitems__([3, 1]), (3, 1)):
+        assert batched.keys() == test[key].keys() == {"image", "label", "index"}
+        assert torch.equal(batched["image"], test[key]["image"])
     # augmented training images go one by one (their random crops are drawn per sample)
     augmented = FashionMNISTDataModule(root=str(tmp_path), num_workers=0, augmentation_strength=1,
                                        preprocessing={"input_size": 8, "mean": (0.5,) * 3, "std": (0.5,) * 3})

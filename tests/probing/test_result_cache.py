@@ -107,7 +107,7 @@ def test_cka_matrices_are_served_from_the_cache_for_the_same_sets_only(tmp_path,
     def must_not_run(*args, **kwargs):
         raise AssertionError("computed although cached")
 
-    monkeypatch.setattr("probing.evaluate.cka_matrix", must_not_run)
+    monkeypatch.setattr("geometry.cka.linear_cka_matrix", must_not_run)
     assert cached_cka_matrix([dict(s) for s in sets], debiased=False, results=cache) == first
     with pytest.raises(AssertionError, match="computed although cached"):  # debiased is another result
         cached_cka_matrix(sets, debiased=True, results=cache)
