@@ -1,9 +1,9 @@
-"""Freed memory kept for reuse: glibc's malloc settings for the entry scripts' large, short-lived CPU tensors.
+"""Freed memory kept for reuse: glibc's malloc settings for probe.py's large, short-lived CPU tensors.
 
 glibc serves every allocation above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and unmaps it on
 free, so each new large tensor starts on untouched pages and the kernel zeroes them one 4 KiB fault at a
-time. fmprobe's hot loops make such tensors over and over: a 2048-query x 60,000-bank score block of the kNN
-(491 MB), the silhouettes' distance blocks, every activation of a feature-extraction batch. On the 2-core
+time. fmprobe's hot loops make such tensors over and over: a 559-query x 60,000-bank score block of the kNN
+(134 MB, 18 of them a layer), the silhouettes' distance blocks, the large activations of an extraction batch. On the 2-core
 machine the full-size ``configs/probe_real.yaml`` run took 218 million page faults and 458 s of system time.
 
 ``keep_freed_memory()`` turns mmap off for allocations (``M_MMAP_MAX = 0``: they come from the heap) and lets up

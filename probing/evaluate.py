@@ -128,11 +128,11 @@ def cached_cka_matrix(sets: list[dict], debiased: bool, comm=None, results=None)
                       {"sets": [tensor_digest(s) for s in sets], "debiased": debiased})
     found = results.load(key)
     n = len(sets)
-    cells = [f"{i},{j}" for i in range(n) for j in range(n)]  # both triangles: each is computed, to the last bit
+    cells = {f"{i},{j}": (i, j) for i in range(n) for j in range(n)}  # both triangles: each computed, to the bit
     if found is not None and set(found[0]) == set(cells):
         return [[found[0][f"{i},{j}"] for j in range(n)] for i in range(n)]
     matrix = cka_matrix([s["embedding"] for s in sets], debiased, comm)
-    results.save(key, {f"{i},{j}": matrix[i][j] for i in range(n) for j in range(n)}, {})
+    results.save(key, {cell: matrix[i][j] for cell, (i, j) in cells.items()}, {})
     return matrix
 
 

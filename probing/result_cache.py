@@ -13,11 +13,11 @@ metric) under a key of everything that determines it:
   module's file too). Any edit there misses, a conservative rule that never serves a stale number.
 
 Per-query vectors (for ``--compare``'s paired tests) are stored with the values; probe.py's CKA matrices (layer x
-layer, backbone x backbone) are stored the same way, keyed by the digests of the sets they compare. An entry is one safetensors file
-(``<root>/.metric-results/<digest[:2]>/<digest>.safetensors``: the values and per-query kinds as metadata, the
-per-query vectors as tensors) written atomically; an unreadable or inconsistent entry is reported and computed
-again. ``--no_cache`` and ``--rebuild_cache`` act on it as on the features; sharded runs (each process holding a
-shard) do not use it.
+layer, backbone x backbone) are stored the same way, keyed by the digests of the sets they compare. An entry is
+one safetensors file (``<root>/.metric-results/<digest[:2]>/<digest>.safetensors``: the values and per-query
+kinds as metadata, the per-query vectors as tensors) written atomically; an unreadable or inconsistent entry is
+reported and computed again. ``--no_cache`` and ``--rebuild_cache`` act on it as on the features; sharded runs
+(each process holding a shard) do not use it.
 """
 
 from __future__ import annotations
