@@ -7,6 +7,16 @@ key and the file has exactly the recorded size and checksum; anything else (a tr
 missing or unreadable sidecar, a crash between the two writes) is reported and rebuilt, never used. Both files
 are written atomically (temp file + rename), the features first, so a reader never sees half an entry.
 
+Reading a full-size cache again (7.6 GB for ``configs/probe_real.yaml``) would cost more than the metrics it
+saves, so an entry is checksummed once: the sidecar records the file's size, inode, mtime and ctime as they were
+when its sha256 was last verified (at write, or at the first read of an older entry), and an entry whose stat is
+unchanged is trusted, as git trusts its index and ccache its direct mode. It is then memory-mapped, not read: a
+probe run whose metric values are all in the result cache touches only the few tensors it draws. Any write to
+the file changes its ctime, which no program can set back, so a changed, truncated or replaced file is
+checksummed again (and re-stamped when it passes). A stamp is trusted only when it was taken after the file's
+last clock tick (see :func:`stat_stamp`); what a stamp cannot see is a disk flipping bits under an unchanged
+inode: ``--rebuild_cache`` is the cure for a disk you distrust.
+
 Layout: ``<root>/<backbone>/<dataset>/<split>-<layer>-<digest>.safetensors`` (+ ``.json``), where ``digest`` is
 the sha256 of the canonical JSON of the key.
 
@@ -66,6 +76,47 @@ def unwritable_reason(folder: Path) -> str | None:
     except OSError as error:
         return f"{existing}: {error.strerror or error}"
     return None
+
+
+def _clock_ns() -> int:
+    """The clock file timestamps are taken from (Linux: the coarse real-time clock, one tick per 1-10 ms)."""
+    coarse = getattr(time, "CLOCK_REALTIME_COARSE", None)
+    return time.clock_gettime_ns(coarse) if coarse is not None else time.time_ns()
+
+
+def _stat_fields(path: Path) -> dict[str, int]:
+    st = os.stat(path)
+    return {"size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def stat_stamp(path: Path, wait_s: float = 0.05) -> dict[str, int] | None:
+    """The stat of a file whose content was just verified, with ``checked_ns``: when the stamp was taken.
+
+    A write within the same clock tick as the file's last change could leave its ctime as it was (git's "racily
+    clean" entries), so this waits until the file-timestamp clock has moved past the ctime (at most a tick) and
+    gives None (no stamp: checksummed again next time) when it does not within ``wait_s``. On a filesystem whose
+    timestamps are whole milliseconds or coarser, ticks cannot be told apart: no stamp either.
+    """
+    fields = _stat_fields(path)
+    if fields["ctime_ns"] % 1_000_000 == 0:
+        return None
+    deadline = time.monotonic() + wait_s
+    while (now := _clock_ns()) <= fields["ctime_ns"]:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.001)
+    return {**fields, "checked_ns": now}
+
+
+def trusts_stamp(path: Path, stamp: Any) -> bool:
+    """Whether ``path`` is unchanged since ``stamp`` (see :func:`stat_stamp`) was taken."""
+    if not isinstance(stamp, dict) or not isinstance(stamp.get("checked_ns"), int):
+        return False
+    try:
+        fields = _stat_fields(path)
+    except OSError:
+        return False
+    return all(stamp.get(name) == value for name, value in fields.items()) and stamp["checked_ns"] > fields["ctime_ns"]
 
 
 class CorruptCacheEntry(ValueError):
@@ -151,6 +202,7 @@ class FeatureCache:
 
     def _read_valid(self, path: Path, key: dict[str, Any]) -> StoredFeatures:
         from safetensors.torch import load as load_safetensors
+        from safetensors.torch import load_file
 
         try:
             meta = json.loads(self.sidecar(path).read_text())
@@ -158,6 +210,32 @@ class FeatureCache:
             raise CorruptCacheEntry(f"sidecar {self.sidecar(path).name} missing or unreadable: {error}") from error
         if meta.get("format") != CACHE_FORMAT or canonical_json(meta.get("key")) != canonical_json(key):
             raise CorruptCacheEntry("sidecar key does not match the requested entry")
+        trusted = trusts_stamp(path, meta.get("stat")) and meta["stat"]["size"] == meta.get("size")
+        try:
+            if trusted:  # unchanged since its checksum passed: mapped, read page by page when used
+                features = load_file(path)
+            else:
+                features = load_safetensors(self._checksummed(path, meta))
+        except CorruptCacheEntry:
+            raise
+        except Exception as error:  # noqa: BLE001 -- any parse failure means: do not use
+            raise CorruptCacheEntry(f"not a readable safetensors file: {error}") from error
+        missing = [name for name in REQUIRED_FIELDS if name not in features]
+        rows = {len(value) for value in features.values()}
+        if missing or len(rows) != 1 or features["embedding"].ndim != 2:
+            raise CorruptCacheEntry(f"inconsistent tensors (missing {missing}, row counts {sorted(rows)})")
+        if not trusted and self.writable:  # verified now: stamped, so the next run maps it without reading
+            stamp = stat_stamp(path)
+            if stamp is not None:
+                try:
+                    atomic_write_json(self.sidecar(path), {**meta, "stat": stamp})
+                except OSError:
+                    pass  # still valid, only checksummed again next time
+        return StoredFeatures(features, meta["sha256"])
+
+    def _checksummed(self, path: Path, meta: dict[str, Any]) -> bytes:
+        """The file's bytes, once their size and sha256 match the sidecar's."""
+        self.stats["checksummed"] += 1
         try:
             data = path.read_bytes()
         except OSError as error:
@@ -166,15 +244,7 @@ class FeatureCache:
             raise CorruptCacheEntry(f"size {len(data)} bytes, expected {meta.get('size')} (truncated?)")
         if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
             raise CorruptCacheEntry("sha256 checksum mismatch (corrupt file)")
-        try:
-            features = load_safetensors(data)
-        except Exception as error:  # noqa: BLE001 -- any parse failure means: do not use
-            raise CorruptCacheEntry(f"not a readable safetensors file: {error}") from error
-        missing = [name for name in REQUIRED_FIELDS if name not in features]
-        rows = {len(value) for value in features.values()}
-        if missing or len(rows) != 1 or features["embedding"].ndim != 2:
-            raise CorruptCacheEntry(f"inconsistent tensors (missing {missing}, row counts {sorted(rows)})")
-        return StoredFeatures(features, meta["sha256"])
+        return data
 
     # -- writing ------------------------------------------------------------------------------------
     def save(self, key: dict[str, Any], features: dict[str, torch.Tensor]) -> Path | None:
@@ -203,7 +273,8 @@ class FeatureCache:
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         try:
             atomic_write_bytes(path, data)
-            atomic_write_json(self.sidecar(path), sidecar)
+            stamp = stat_stamp(path)  # the bytes are the ones just hashed: trusted while the file is unchanged
+            atomic_write_json(self.sidecar(path), sidecar if stamp is None else {**sidecar, "stat": stamp})
         except OSError as error:  # e.g. the disk filled up: no half entry, no more writes, the run goes on
             for written in (self.sidecar(path), path):
                 written.unlink(missing_ok=True)

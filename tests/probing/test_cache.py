@@ -105,3 +105,57 @@ def test_modes_no_cache_rebuild_and_read_only(tmp_path):
     _assert_same(FeatureCache(tmp_path).load(_key()), _features())
     reader = FeatureCache(tmp_path, writable=False)  # a DDP rank > 0
     assert reader.load(_key()) is not None and reader.save(_key("y"), _features()) is None
+
+
+def _stamp(path) -> dict:
+    return json.loads(FeatureCache.sidecar(path).read_text()).get("stat")
+
+
+def test_a_verified_unchanged_entry_is_served_without_reading_it_whole(tmp_path, monkeypatch):
+    cache = FeatureCache(tmp_path)
+    path = cache.save(_key(), _features())
+    stamp = _stamp(path)
+    assert stamp["size"] == path.stat().st_size and stamp["ctime_ns"] == path.stat().st_ctime_ns
+    assert stamp["checked_ns"] > stamp["ctime_ns"]  # the save waited for the clock to pass the file's ctime
+    monkeypatch.setattr(FeatureCache, "_checksummed", lambda *_: pytest.fail("a trusted entry was read whole"))
+    loaded = cache.load(_key())
+    _assert_same(loaded, _features())
+    assert cache.stats["hits"] == 1 and cache.stats["checksummed"] == 0
+    assert loaded.content_digest.endswith(json.loads(cache.sidecar(path).read_text())["sha256"])
+
+
+@pytest.mark.parametrize("change", ["touched", "no_stamp", "racy_stamp", "rewritten"])
+def test_an_entry_changed_since_its_check_is_checksummed_again_and_restamped(tmp_path, change):
+    import os
+
+    cache = FeatureCache(tmp_path)
+    path = cache.save(_key(), _features())
+    meta = json.loads(cache.sidecar(path).read_text())
+    if change == "touched":  # same bytes, another mtime
+        os.utime(path, ns=(meta["stat"]["mtime_ns"] + 10**9, meta["stat"]["mtime_ns"] + 10**9))
+    elif change == "no_stamp":  # an entry from an older fmprobe
+        del meta["stat"]
+        cache.sidecar(path).write_text(json.dumps(meta))
+    elif change == "racy_stamp":  # checked within the file's own clock tick: a later write could keep its ctime
+        meta["stat"]["checked_ns"] = meta["stat"]["ctime_ns"]
+        cache.sidecar(path).write_text(json.dumps(meta))
+    else:  # the same bytes written again in place (a new ctime)
+        path.write_bytes(path.read_bytes())
+    _assert_same(cache.load(_key()), _features())
+    assert cache.stats["checksummed"] == 1
+    assert _stamp(path)["ctime_ns"] == path.stat().st_ctime_ns  # stamped again: the next run trusts it
+    _assert_same(FeatureCache(tmp_path).load(_key()), _features())
+    reader = FeatureCache(tmp_path)
+    reader.load(_key())
+    assert reader.stats["checksummed"] == 0
+
+
+def test_a_read_only_cache_checksums_but_never_stamps(tmp_path):
+    cache = FeatureCache(tmp_path)
+    path = cache.save(_key(), _features())
+    meta = json.loads(cache.sidecar(path).read_text())
+    del meta["stat"]
+    cache.sidecar(path).write_text(json.dumps(meta))
+    reader = FeatureCache(tmp_path, writable=False)  # a DDP rank > 0, or a read-only folder
+    _assert_same(reader.load(_key()), _features())
+    assert reader.stats["checksummed"] == 1 and _stamp(path) is None
