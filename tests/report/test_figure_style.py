@@ -145,3 +145,8 @@ def test_pca_projection_matches_a_numpy_reference_and_is_repeatable():
     np.testing.assert_array_equal(project_2d(x).numpy(), got)
     # fixed signs: the largest loading of each component is positive, whatever the SVD returned
     assert (np.sign(got[:, 0]) == np.sign(reference[:, 0] * np.sign(vt[0][np.abs(vt[0]).argmax()]))).all()
+    # more dimensions than points: the same projection (from the Gram matrix)
+    wide = torch.randn(12, 40, generator=g) * torch.linspace(6.0, 1.0, 40)
+    centred = wide.double().numpy() - wide.double().numpy().mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    np.testing.assert_allclose(np.abs(project_2d(wide).numpy()), np.abs(centred @ vt[:2].T), atol=1e-8)
