@@ -35,13 +35,14 @@ import os
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from probing.specs import slug
-from report.io import atomic_write_bytes, atomic_write_json
+from report.io import atomic_write_chunks, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,42 @@ def trusts_stamp(path: Path, stamp: Any) -> bool:
     except OSError:
         return False
     return all(stamp.get(name) == value for name, value in fields.items()) and stamp["checked_ns"] > fields["ctime_ns"]
+
+
+#: safetensors' names of the dtypes a feature file can hold, in the order of its ``Dtype`` enum (files list
+#: their tensors by dtype, last in this order first, then by name).
+_SAFETENSORS_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+                       torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32",
+                       torch.float64: "F64", torch.int64: "I64"}
+_DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(_SAFETENSORS_DTYPES)}
+
+
+def safetensors_pieces(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> list:
+    """A safetensors file as pieces to write one after another: the header, then each tensor's own buffer.
+
+    The bytes are those of ``safetensors.torch.save`` (tested): tensors ordered by dtype (``_SAFETENSORS_DTYPES``)
+    then name, the header padded with spaces to 8 bytes; except that ``metadata`` is written in key order, where
+    ``save`` writes it in the order of a per-process random hash map (so re-extracted features gave files with
+    other bytes, and other digests). ``save`` builds the file in memory and copies it twice
+    (0.8 s of each 1.9 s save of a 60,000 x 1,280 feature file); these pieces are views of the tensors.
+    """
+    cpu = {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    pieces: list = []
+    offset = 0
+    for name, value in cpu.items():
+        if value.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"feature field {name!r} has dtype {value.dtype}, which the feature cache cannot store")
+    for name in sorted(cpu, key=lambda n: (-_DTYPE_RANK[cpu[n].dtype], n)):
+        value = cpu[name]
+        size = value.numel() * value.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[value.dtype], "shape": list(value.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+        pieces.append(memoryview(value.reshape(-1).view(torch.uint8).numpy()) if size else b"")
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return [len(text).to_bytes(8, "little") + text, *pieces]
 
 
 class CorruptCacheEntry(ValueError):
@@ -261,18 +298,17 @@ class FeatureCache:
     def _write(self, key: dict[str, Any], features: dict[str, torch.Tensor]) -> tuple[Path, str] | None:
         if not self.enabled or not self.writable:
             return None
-        from safetensors.torch import save as save_safetensors
-
         path = self.path_for(key)
-        tensors = {name: value.detach().cpu().contiguous() for name, value in features.items()}
-        data = save_safetensors(tensors, metadata={"fmprobe_cache_format": str(CACHE_FORMAT),
-                                                   "key": canonical_json(key)})
-        sha256 = hashlib.sha256(data).hexdigest()
-        sidecar = {"format": CACHE_FORMAT, "key": key, "size": len(data), "sha256": sha256,
-                   "rows": int(tensors["embedding"].shape[0]), "dim": int(tensors["embedding"].shape[1]),
+        pieces = safetensors_pieces(features, metadata={"fmprobe_cache_format": str(CACHE_FORMAT),
+                                                        "key": canonical_json(key)})
+        digest = hashlib.sha256()
+        embedding = features["embedding"]
+        sidecar = {"format": CACHE_FORMAT, "key": key, "size": sum(len(piece) for piece in pieces),
+                   "rows": int(embedding.shape[0]), "dim": int(embedding.shape[1]),
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         try:
-            atomic_write_bytes(path, data)
+            atomic_write_chunks(path, _hashed(pieces, digest))
+            sidecar["sha256"] = sha256 = digest.hexdigest()
             stamp = stat_stamp(path)  # the bytes are the ones just hashed: trusted while the file is unchanged
             atomic_write_json(self.sidecar(path), sidecar if stamp is None else {**sidecar, "stat": stamp})
         except OSError as error:  # e.g. the disk filled up: no half entry, no more writes, the run goes on
@@ -285,6 +321,16 @@ class FeatureCache:
             return None
         self.stats["written"] += 1
         return path, sha256
+
+
+def _hashed(pieces: list, digest) -> Iterator[memoryview]:
+    """The pieces in 16 MB slices, each added to ``digest`` as it is handed on (hashed while in the CPU cache)."""
+    for piece in pieces:
+        view = memoryview(piece).cast("B")
+        for start in range(0, len(view), 1 << 24):
+            part = view[start : start + (1 << 24)]
+            digest.update(part)
+            yield part
 
 
 class StoredFeatures(dict):

@@ -159,3 +159,33 @@ def test_a_read_only_cache_checksums_but_never_stamps(tmp_path):
     reader = FeatureCache(tmp_path, writable=False)  # a DDP rank > 0, or a read-only folder
     _assert_same(reader.load(_key()), _features())
     assert reader.stats["checksummed"] == 1 and _stamp(path) is None
+
+
+@pytest.mark.parametrize("metadata", [None, {"fmprobe_cache_format": "1", "key": '{"a":"b\\"c"}'}])
+def test_streamed_file_is_byte_identical_to_safetensors_save(metadata):
+    from safetensors.torch import load, save
+
+    from probing.cache import safetensors_pieces
+
+    generator = torch.Generator().manual_seed(1)
+    tensors = {"embedding": torch.randn(9, 5, generator=generator), "half": torch.randn(4, 3).half(),
+               "brain": torch.randn(2, 3).bfloat16(), "label": torch.arange(9), "mask": torch.arange(6) % 2 == 0,
+               "bytes": torch.arange(7, dtype=torch.uint8), "wide": torch.randn(3, 2).double(),
+               "empty": torch.zeros(0, 4), "int32": torch.arange(5, dtype=torch.int32),
+               "strided": torch.arange(12.0).reshape(3, 4).T}  # not contiguous: written in row-major order
+    streamed = b"".join(bytes(piece) for piece in safetensors_pieces(tensors, metadata))
+    expected = save({name: value.contiguous() for name, value in tensors.items()}, metadata=metadata)
+
+    def header(data: bytes) -> tuple[int, dict]:
+        size = int.from_bytes(data[:8], "little")
+        return size, json.loads(data[8 : 8 + size])
+
+    if metadata is None:
+        assert streamed == expected
+    else:  # save() writes metadata in a per-process hash order; ours in key order, so the bytes are reproducible
+        assert header(streamed) == header(expected) and streamed[header(streamed)[0] + 8 :] == expected[
+            header(expected)[0] + 8 :]
+        assert b'"fmprobe_cache_format":"1","key":' in streamed
+    loaded = load(streamed)
+    for name, value in tensors.items():
+        assert loaded[name].dtype == value.dtype and torch.equal(loaded[name], value), name
