@@ -256,29 +256,6 @@ class Backbone(nn.Module):
             module.eval()
         return self
 
-    def fold_batchnorm(self) -> int:
-        """For frozen extraction: fold every BatchNorm that follows a convolution into it
-        (``models.batchnorm_fold``; features equal to float rounding, CNNs at small inputs ~1.6x faster). Returns
-        the number folded (0 when nothing folds or folding would change the outputs); ``batchnorm_folded`` keeps it.
-        The backbone can no longer be trained: call only on one built for inference (``freeze="all"``, eval)."""
-        from models.batchnorm_fold import fold_batchnorm
-
-        if self.training or any(p.requires_grad for p in self.model.parameters()):
-            raise ValueError(f"Backbone '{self.name}': fold_batchnorm is for a frozen backbone in eval mode (it "
-                             "removes what training would update)")
-        parameter = next(self.model.parameters(), None)
-        self.batchnorm_folded = 0
-        if parameter is None:
-            return 0
-        size = self.preprocessing.input_size
-        images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-        images = images.to(parameter.device, parameter.dtype)
-        self.batchnorm_folded = fold_batchnorm(
-            self.model, (lambda: self.embed_and_layers(images)) if self._units else (lambda: self.embed(images)))
-        if self.batchnorm_folded and self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        return self.batchnorm_folded
-
     def weights_fingerprint(self) -> str:
         """A cheap, stable id of the loaded weights: name, weights argument, config and sampled tensors."""
         digest = hashlib.sha1()

@@ -332,7 +332,5 @@ def cache_keys(entry, backbone, dataset, datamodule, seed: int) -> tuple[dict[st
     fingerprint is part of the key), ``datamodule`` the built DataModule.
     """
     backbone_key = {"id": entry.default_id, **entry.cache_key(backbone.weights_fingerprint(), seed)}
-    if getattr(backbone, "batchnorm_folded", 0):  # features equal to float rounding only: kept apart
-        backbone_key["batchnorm_folded"] = backbone.batchnorm_folded
     dataset_key = {"label": dataset.label, **dataset.cache_key(datamodule)}
     return backbone_key, dataset_key

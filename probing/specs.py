@@ -73,23 +73,15 @@ class BackboneEntry:
         return f"[{self.pooling}" + (f" x{self.n_last_blocks}]" if self.n_last_blocks != 1 else "]")
 
     def build(self, seed: int):
-        """The frozen backbone in eval mode. Seeded first, so ``random`` weights are the same every run.
-
-        Its BatchNorm layers are folded into the convolutions before them (``Backbone.fold_batchnorm``: the same
-        features to float rounding, CNNs ~1.6x faster at 32 px) unless ``overrides: {fold_batchnorm: false}``."""
+        """The frozen backbone in eval mode. Seeded first, so ``random`` weights are the same every run."""
         import torch
 
         from models.backbones import Backbone
 
         torch.manual_seed(seed)
-        overrides = dict(self.overrides)
-        fold = overrides.pop("fold_batchnorm", True)
         backbone = Backbone(self.name, weights=self.weights, freeze="all", image_size=self.image_size,
-                            pooling=self.pooling, n_last_blocks=self.n_last_blocks, **overrides)
-        backbone.eval().requires_grad_(False)
-        if fold:
-            backbone.fold_batchnorm()
-        return backbone
+                            pooling=self.pooling, n_last_blocks=self.n_last_blocks, **self.overrides)
+        return backbone.eval().requires_grad_(False)
 
     def cache_key(self, fingerprint: str, seed: int) -> dict[str, Any]:
         key = {"name": self.name, "weights": self.weights, "image_size": self.image_size,
