@@ -3,9 +3,10 @@
 One entry per (backbone id, weights fingerprint, dataset, split, transform, layer): a safetensors file with
 ``embedding`` (N, D), ``label``, ``index`` and, where the data has it, ``superclass``, plus a JSON sidecar with
 the full key, the file's size and its sha256. An entry is used only when the sidecar's key equals the wanted
-key and the file has exactly the recorded size and checksum; anything else (a truncated or corrupt file, a
-missing or unreadable sidecar, a crash between the two writes) is reported and rebuilt, never used. Both files
-are written atomically (temp file + rename), the features first, so a reader never sees half an entry.
+key and the file has exactly the recorded size and checksum (or is unchanged since they matched: below);
+anything else (a truncated or corrupt file, a missing or unreadable sidecar, a crash between the two writes) is
+reported and rebuilt, never used. Both files are written atomically (temp file + rename), the features first,
+so a reader never sees half an entry.
 
 Reading a full-size cache again (7.6 GB for ``configs/probe_real.yaml``) would cost more than the metrics it
 saves, so an entry is checksummed once: the sidecar records the file's size, inode, mtime and ctime as they were
