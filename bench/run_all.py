@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("knn", "kmeans", "logreg", "cka", "cache", "callback", "extract", "bootstrap", "quality",
+BENCHMARKS = ("knn", "kmeans", "logreg", "cka", "cache", "cache_io", "callback", "extract", "bootstrap", "quality",
               "sharded", "startup")
 RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
 
