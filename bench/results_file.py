@@ -46,7 +46,7 @@ def _old_rows(section: str) -> dict[str, list[str]]:
     """Table rows of a previous section, by benchmark id (the first column)."""
     rows: dict[str, list[str]] = {}
     for line in section.splitlines():
-        match = re.match(r"\|\s*([a-z]+)\s*\|", line)
+        match = re.match(r"\|\s*([a-z_]+)\s*\|", line)
         if match and match.group(1) != "id":
             rows.setdefault(match.group(1), []).append(line)
     return rows

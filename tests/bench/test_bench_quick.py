@@ -74,3 +74,13 @@ def test_results_file_keeps_the_other_device_and_rows_not_rerun(tmp_path):
     update_results(path, "cpu", [_result("knn", 1.5)], ["knn"], order, when="2026-11-03 12:00")
     cpu = path.read_text().split("<!-- results:cpu:start -->")[1]
     assert "Runs 2026-11-02 11:00 (cka), 2026-11-03 12:00 (knn)." in cpu and "cka 0.5 -> 0.7" in cpu
+
+
+def test_results_file_keeps_rows_of_benchmarks_with_an_underscore(tmp_path):
+    from bench.results_file import update_results
+
+    path, order = tmp_path / "RESULTS.md", list(BENCHMARKS)
+    update_results(path, "cpu", [_result("cache_io", 1.0)], ["cache_io"], order)
+    assert "| cache_io | cache_io case | 1.00 s |" in path.read_text()
+    update_results(path, "cpu", [_result("knn", 2.0)], ["knn"], order)  # cache_io's row stays
+    assert "| cache_io | cache_io case | 1.00 s |" in path.read_text()
