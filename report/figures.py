@@ -62,7 +62,8 @@ def project_2d(x: torch.Tensor, method: str = "pca", seed: int = 0) -> torch.Ten
     else:
         u = torch.linalg.eigh(centred @ centred.T).eigenvectors[:, -2:].flip(1)
         v = centred.T @ u
-        v = (v / v.norm(dim=0, keepdim=True)).T
+        norms = v.norm(dim=0, keepdim=True)  # rank < 2 (two points): no second axis; its points are 0, as SVD's
+        v = torch.where(norms > 1e-9 * norms.max(), v / norms, torch.zeros_like(v)).T
     # Eigenvectors' signs are arbitrary: fix them (largest loading positive) so reruns draw the same picture.
     components = v * torch.sign(v.gather(1, v.abs().argmax(1, keepdim=True)))
     return centred @ components.T

@@ -150,3 +150,8 @@ def test_pca_projection_matches_a_numpy_reference_and_is_repeatable():
     centred = wide.double().numpy() - wide.double().numpy().mean(0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     np.testing.assert_allclose(np.abs(project_2d(wide).numpy()), np.abs(centred @ vt[:2].T), atol=1e-8)
+    points = torch.tensor([[0.3, 1.7, 2.2], [1.1, -0.4, 0.9]])  # two points, rank 1: no second axis
+    two = project_2d(points)
+    assert torch.isfinite(two).all() and torch.equal(two[:, 1], torch.zeros(2, dtype=two.dtype))
+    half = float((points[0] - points[1]).double().norm()) / 2
+    assert two[:, 0].abs().tolist() == pytest.approx([half, half])
